@@ -1,0 +1,43 @@
+"""safeckpt: PyTorch training checkpoints without pickle.
+
+Tensors go to safetensors, everything else to msgpack with typed extensions;
+class references are stored by name and imported only when the caller allows it.
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint
+from .errors import (
+    CheckpointFormatError,
+    ComponentNotFoundError,
+    FallbackWarning,
+    IntegrityError,
+    LimitExceededError,
+    SafeCkptError,
+    UnsafeCheckpointError,
+    UnsupportedValueError,
+)
+from .limits import Limits
+from .loading import load, load_single_file, open
+from .refs import GlobalRef, OpaqueObject
+from .saving import save_single_file
+
+__all__ = [
+    "CheckpointFormatError",
+    "Checkpoint",
+    "ComponentNotFoundError",
+    "FallbackWarning",
+    "GlobalRef",
+    "IntegrityError",
+    "LimitExceededError",
+    "Limits",
+    "OpaqueObject",
+    "SafeCkptError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
+    "__version__",
+    "load",
+    "load_single_file",
+    "open",
+    "save_single_file",
+]

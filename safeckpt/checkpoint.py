@@ -1,0 +1,244 @@
+"""The lazy reader: open a single file, list what is inside, read only what is asked for."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .codec import Decoder
+from .container import (
+    META_CREATED,
+    META_LIBRARY,
+    META_TORCH,
+    META_VERSION,
+    Header,
+    Root,
+    parse_root,
+    read_header,
+    skeleton_bytes,
+)
+from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
+from .limits import DEFAULT_LIMITS, Limits
+from .refs import AllowList
+from .tensors import dtype_name
+
+__all__ = ["Checkpoint", "ComponentInfo"]
+
+_SAFE_OPEN_DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """What one component holds, read from the header alone.
+
+    Attributes:
+        tensors: number of tensor entries stored under the component.
+        bytes: their total size in bytes.
+        dtypes: their dtype names, sorted.
+    """
+
+    tensors: int
+    bytes: int
+    dtypes: tuple[str, ...]
+
+
+class Checkpoint:
+    """A checkpoint file opened for lazy reading; use it as a context manager.
+
+    Opening reads and validates the header and the skeleton (small); tensor bytes
+    are mapped from the file and read only when a tensor is asked for.
+
+    Args:
+        path: a safeckpt single file or any safetensors file.
+        device: where tensors are placed (``"cpu"``, ``"cuda:0"``, a ``torch.device``...).
+        allowed_globals: classes, functions or ``"module:qualname"`` strings that may
+            be imported; everything else comes back as inert ``GlobalRef``/``OpaqueObject``.
+        verify: check SHA-256 digests of the skeleton and of each tensor read.
+        limits: bounds on what the file may declare.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointFormatError: if it is not a safetensors file.
+        IntegrityError: with ``verify=True``, if the skeleton's digest does not match.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device | int = "cpu",
+        allowed_globals: Iterable[Any] = (),
+        verify: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.path = Path(path)
+        self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        self._allow = AllowList(allowed_globals)
+        self._verify = verify
+        self._limits = limits
+        self._header: Header = read_header(self.path, limits)
+        self._handle: Any = None
+        self._root: Root | None = None
+        self._digests: dict[str, str] = {}
+        if self._header.is_safeckpt:
+            raw = skeleton_bytes(self._header, limits)
+            recorded = self._header.digests()
+            if verify and recorded is not None:
+                self._check_digest("<skeleton>", raw, recorded[0])
+                self._digests = recorded[1]
+            self._root = parse_root(raw, limits, str(self.path))
+        elif verify:
+            raise IntegrityError(
+                f"{self.path} is a plain safetensors file: it records no digests to verify",
+                file=str(self.path),
+            )
+
+    # context manager ------------------------------------------------------------
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file mapping. Tensors already returned stay valid."""
+        self._handle = None
+
+    def __repr__(self) -> str:
+        kind = "safeckpt" if self._root is not None else "safetensors"
+        return f"<Checkpoint {kind} {str(self.path)!r}: {len(self._header.entries)} tensors>"
+
+    # listing ----------------------------------------------------------------------
+
+    @property
+    def is_safeckpt(self) -> bool:
+        """True for a file written by safeckpt, False for a plain safetensors file."""
+        return self._root is not None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Versions and creation time for a safeckpt file; the raw ``__metadata__`` otherwise."""
+        meta = self._header.metadata
+        if self._root is None:
+            return dict(meta)
+        return {
+            "format_version": int(meta[META_VERSION]),
+            "library_version": meta.get(META_LIBRARY),
+            "torch_version": meta.get(META_TORCH),
+            "created": meta.get(META_CREATED),
+        }
+
+    def components(self) -> list[Any]:
+        """The top-level keys of the state, in order."""
+        if self._root is None:
+            return list(self._header.entries)
+        decoder = self._decoder()
+        return [decoder.unpack(key, "a component key") for key, _, _ in self._root.components]
+
+    def tensor_names(self) -> list[str]:
+        """Names of the stored tensors (``component/path``), in file order."""
+        return list(self._header.entries)
+
+    def info(self) -> dict[Any, ComponentInfo]:
+        """Per component: tensor count, bytes and dtypes, from the header alone."""
+        entries = self._header.entries.values()
+        if self._root is None:
+            return {e.name: ComponentInfo(1, e.nbytes, (dtype_name(e.dtype),)) for e in entries}
+        out: dict[Any, ComponentInfo] = {}
+        for key, (_, segment, _) in zip(self.components(), self._root.components):
+            mine = [e for e in entries if e.name == segment or e.name.startswith(segment + "/")]
+            out[key] = ComponentInfo(
+                len(mine), sum(e.nbytes for e in mine), tuple(sorted({dtype_name(e.dtype) for e in mine}))
+            )
+        return out
+
+    # reading ---------------------------------------------------------------------
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor by name, reading only its bytes.
+
+        Raises:
+            ComponentNotFoundError: if there is no tensor of that name.
+        """
+        if name not in self._header.entries:
+            raise ComponentNotFoundError(
+                f"no tensor {name!r} in {self.path}", name=name, available=list(self._header.entries)[:20], file=str(self.path)
+            )
+        tensor = self._open().get_tensor(name)
+        if self._verify and name in self._digests:
+            self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
+        if self.device.type not in _SAFE_OPEN_DEVICES:
+            tensor = tensor.to(self.device)
+        return tensor
+
+    def get(self, component: Any) -> Any:
+        """One component of the state, decoding only its part of the skeleton and reading only its tensors.
+
+        Raises:
+            ComponentNotFoundError: if the state has no such top-level key.
+        """
+        if self._root is None:
+            return self.get_tensor(component)
+        decoder = self._decoder()
+        for key, _, value in self._root.components:
+            if decoder.unpack(key, "a component key") == component:
+                return decoder.unpack(value, f"component {component!r}")
+        raise ComponentNotFoundError(
+            f"no component {component!r} in {self.path}; it has {self.components()!r:.300}",
+            name=component,
+            available=self.components(),
+            file=str(self.path),
+        )
+
+    def load(self) -> dict[Any, Any]:
+        """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors)."""
+        if self._root is None:
+            return {name: self.get_tensor(name) for name in self._header.entries}
+        decoder = self._decoder()
+        state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
+        for key, _, value in self._root.components:
+            name = decoder.unpack(key, "a component key")
+            if name in state:
+                raise CheckpointFormatError(f"{self.path}: component {name!r} appears twice", file=str(self.path))
+            state[name] = decoder.unpack(value, f"component {name!r}")
+        if self._root.attrs is not None:
+            attrs = decoder.unpack(self._root.attrs, "the state's attributes")
+            if type(attrs) is not dict or not all(type(k) is str and k.isidentifier() and not k.startswith("__") for k in attrs):
+                raise CheckpointFormatError(f"{self.path}: malformed state attributes", file=str(self.path))
+            for attr, value in attrs.items():
+                setattr(state, attr, value)
+        return state
+
+    # internals ---------------------------------------------------------------------
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            device = str(self.device) if self.device.type in _SAFE_OPEN_DEVICES else "cpu"
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device=device)
+            except Exception as exc:
+                raise CheckpointFormatError(f"{self.path}: safetensors could not open it: {exc}", file=str(self.path)) from exc
+        return self._handle
+
+    def _decoder(self) -> Decoder:
+        return Decoder(self.get_tensor, self._allow, self._limits, file=str(self.path))
+
+    def _check_digest(self, name: str, data: Any, expected: str) -> None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise IntegrityError(
+                f"{self.path}: {name} does not match its recorded SHA-256 digest (the file is corrupt or was modified)",
+                tensor_name=name,
+                expected=expected,
+                actual=actual,
+                file=str(self.path),
+            )

@@ -1,0 +1,348 @@
+"""The single-file layout: a safetensors file whose ``__metadata__`` carries the skeleton.
+
+See FORMAT.md for the byte-level specification. Writing: :func:`encode_state`
+turns a state into a skeleton root plus tensor entries, :func:`write_single`
+streams them to a file (hashing each region as it goes). Reading:
+:func:`read_header` parses and validates the header of any safetensors file
+against :class:`Limits` before anything else is read, and :func:`parse_root`
+decodes the skeleton root.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import json
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import msgpack
+import torch
+
+from . import __version__
+from .codec import Encoder, pack
+from .errors import CheckpointFormatError, UnsupportedValueError
+from .limits import Limits
+from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Encoded",
+    "Header",
+    "Root",
+    "TensorInfo",
+    "encode_state",
+    "parse_root",
+    "read_header",
+    "write_single",
+]
+
+FORMAT_VERSION = 1
+META_FORMAT = "format"  # "pt", as Hugging Face loaders expect
+META_VERSION = "safeckpt.format_version"
+META_SKELETON = "safeckpt.skeleton"
+META_DIGESTS = "safeckpt.digests"
+META_LIBRARY = "safeckpt.library_version"
+META_TORCH = "safeckpt.torch_version"
+META_CREATED = "safeckpt.created"
+DATA_ALIGNMENT = 64
+DIGEST_PREFIX = "sha256:"
+_HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed while the previous one is written
+
+
+# --------------------------------------------------------------------------- encoding a state
+
+
+@dataclass
+class Encoded:
+    """A state ready to be written: the packed skeleton root and the tensor entries in file order."""
+
+    skeleton: bytes
+    entries: list[Entry]
+
+
+def _segment(key: Any) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = True, prefixed: bool = True) -> Encoded:
+    """Encode a state dict into a skeleton root and tensor entries.
+
+    Args:
+        state: a ``dict`` or ``OrderedDict``; it is only read.
+        limits: ``max_depth`` applies to what is saved.
+        dedupe: store tied tensors once (see :class:`TensorPlan`).
+        prefixed: name tensors ``<component>/<path>``; ``False`` names them by the
+            path inside their component (multi-file components).
+
+    Raises:
+        UnsupportedValueError: naming the path of a value the format cannot hold.
+    """
+    if type(state) not in (dict, OrderedDict):
+        raise UnsupportedValueError(
+            f"a checkpoint state must be a dict or OrderedDict, not {type(state).__qualname__}",
+            path_in_state="state",
+            value_type=type(state).__qualname__,
+        )
+    plan = TensorPlan(NameAllocator(), dedupe=dedupe)
+    encoder = Encoder(plan, limits)
+    segments = NameAllocator()
+    components = []
+    for key, value in state.items():
+        segment = segments.claim(_segment(key)) if prefixed else ""
+        path = (key,) if prefixed else ()
+        components.append([encoder.encode(key, (key,)), segment, encoder.encode(value, path)])
+    attrs = vars(state) if type(state) is OrderedDict else {}
+    encoded_attrs = encoder.encode(dict(attrs), ("__dict__",)) if attrs else None
+    entries = plan.finalize()  # fills the tensor references inside the encoded values
+    root = {
+        "root": "ordered_dict" if type(state) is OrderedDict else "dict",
+        "attrs": None if encoded_attrs is None else pack(encoded_attrs),
+        "components": [[pack(k), segment, pack(v)] for k, segment, v in components],
+    }
+    return Encoded(pack(root), entries)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _placeholder_digests(count: int) -> str:
+    return DIGEST_PREFIX + "0" * 64 * (count + 1)
+
+
+def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.code, "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
+
+
+def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
+    """Stream every entry's bytes to ``f``; return their SHA-256 digests (hex) in order.
+
+    Large entries are hashed on a worker thread while the file write runs (both
+    release the GIL), so hashing costs little on top of the write.
+    """
+    digests: list[str | Future[str]] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for entry in entries:
+            data = entry.cpu_bytes()
+            if data.numel() != entry.nbytes:
+                raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
+            view = data.numpy()
+            if entry.nbytes >= _HASH_IN_THREAD:
+                digests.append(pool.submit(lambda v=view: hashlib.sha256(v).hexdigest()))
+            else:
+                digests.append(hashlib.sha256(view).hexdigest())
+            if entry.nbytes:
+                f.write(view)
+    return [d if isinstance(d, str) else d.result() for d in digests]
+
+
+def write_single(f: BinaryIO, encoded: Encoded) -> None:
+    """Write a single-file checkpoint to the binary file ``f`` (which must be seekable)."""
+    metadata = {
+        META_FORMAT: "pt",
+        META_VERSION: str(FORMAT_VERSION),
+        META_LIBRARY: __version__,
+        META_TORCH: str(torch.__version__),
+        META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        META_SKELETON: base64.b64encode(encoded.skeleton).decode("ascii"),
+        META_DIGESTS: _placeholder_digests(len(encoded.entries)),
+    }
+    header = _header_bytes(encoded.entries, metadata)
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    digests = _write_entries(f, encoded.entries)
+    metadata[META_DIGESTS] = DIGEST_PREFIX + hashlib.sha256(encoded.skeleton).hexdigest() + "".join(digests)
+    final = _header_bytes(encoded.entries, metadata)
+    assert len(final) == len(header), "digests must not change the header length"
+    f.seek(8)
+    f.write(final)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header. Offsets are relative to the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header."""
+
+    path: str
+    entries: dict[str, TensorInfo]  # in data order
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    @property
+    def is_safeckpt(self) -> bool:
+        return META_SKELETON in self.metadata
+
+    def digests(self) -> tuple[str, dict[str, str]] | None:
+        """(skeleton digest, {entry: digest}) when the file records them."""
+        text = self.metadata.get(META_DIGESTS)
+        if text is None:
+            return None
+        body = text[len(DIGEST_PREFIX) :]
+        if not text.startswith(DIGEST_PREFIX) or len(body) != 64 * (len(self.entries) + 1):
+            raise CheckpointFormatError(f"malformed {META_DIGESTS} in the header", file=self.path)
+        parts = [body[i : i + 64] for i in range(0, len(body), 64)]
+        return parts[0], dict(zip(self.entries, parts[1:]))
+
+
+def _bad(path: str, message: str, offset: int | None = None) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{path}: {message}", file=path, offset=offset)
+
+
+def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
+    """Read and validate the header of a safetensors file.
+
+    Every declared size is checked against ``limits`` and the file size before
+    it is read; offsets must tile the data section exactly, as safetensors requires.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        CheckpointFormatError: if it is not a well-formed safetensors file.
+        LimitExceededError: if it declares more than ``limits`` allow.
+    """
+    name = os.fspath(path)
+    with open(name, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _bad(name, f"file of {size} bytes is too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
+        if 8 + length > size:
+            raise _bad(name, f"header length {length} runs past the end of the {size}-byte file", 0)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _bad(name, f"header is not valid JSON: {exc}", 8) from exc
+    if type(header) is not dict:
+        raise _bad(name, "header is not a JSON object", 8)
+    metadata = header.pop("__metadata__", None) or {}
+    if type(metadata) is not dict or not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise _bad(name, "__metadata__ must map strings to strings", 8)
+    limits.check("max_tensors", len(header), what="the number of tensors", file=name)
+    data_size = size - 8 - length
+    infos = []
+    for key, spec in header.items():
+        infos.append(_tensor_info(name, key, spec, limits, data_size))
+    infos.sort(key=lambda info: (info.begin, info.end))
+    position = 0
+    for info in infos:
+        if info.begin != position:
+            raise _bad(name, f"tensor {info.name!r} starts at data byte {info.begin}, expected {position}")
+        position = info.end
+    if position != data_size:
+        raise _bad(name, f"tensors cover {position} bytes but the data section holds {data_size}")
+    return Header(name, {info.name: info for info in infos}, metadata, 8 + length, size)
+
+
+def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int) -> TensorInfo:
+    if type(spec) is not dict or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(path, f"malformed header entry for tensor {name!r:.200}")
+    dtype = DTYPES_FROM_SAFETENSORS.get(spec["dtype"]) if type(spec["dtype"]) is str else None
+    if dtype is None:
+        raise _bad(path, f"tensor {name!r:.200} has unknown dtype {spec['dtype']!r:.50}")
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if type(shape) is not list or not all(type(v) is int and v >= 0 for v in shape):
+        raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
+    limits.check("max_dims", len(shape), what=f"the rank of tensor {name!r:.200}", file=path)
+    if type(offsets) is not list or len(offsets) != 2 or not all(type(v) is int for v in offsets):
+        raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise _bad(path, f"tensor {name!r:.200} spans bytes [{begin}, {end}) outside the {data_size}-byte data section")
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel * dtype.itemsize != end - begin:
+        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {numel * dtype.itemsize} bytes, has {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+@dataclass
+class Root:
+    """The decoded top level of a skeleton: components still packed, decoded one at a time."""
+
+    kind: str  # "dict" | "ordered_dict"
+    attrs: bytes | None
+    components: list[tuple[bytes, str, bytes]] = field(default_factory=list)
+
+
+def skeleton_bytes(header: Header, limits: Limits) -> bytes:
+    """The raw msgpack skeleton of a safeckpt file (version-checked, base64-decoded)."""
+    version = header.metadata.get(META_VERSION, "")
+    if not version.isdigit():
+        raise _bad(header.path, f"missing or malformed {META_VERSION}")
+    if int(version) > FORMAT_VERSION:
+        raise _bad(header.path, f"written in safeckpt format version {version}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
+    text = header.metadata[META_SKELETON]
+    limits.check("max_skeleton_bytes", len(text) * 3 // 4, what="the skeleton size", file=header.path)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(header.path, f"skeleton is not valid base64: {exc}") from exc
+
+
+def parse_root(raw: bytes, limits: Limits, path: str) -> Root:
+    """Decode the top level of a skeleton (plain msgpack, no extension types)."""
+    try:
+        root = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=limits.max_components,
+            max_map_len=16,
+            max_bin_len=limits.max_skeleton_bytes,
+            max_str_len=limits.max_str_len,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise _bad(path, f"skeleton root is corrupt: {type(exc).__name__}: {exc}") from exc
+    if type(root) is not dict or root.get("root") not in ("dict", "ordered_dict"):
+        raise _bad(path, "skeleton root is malformed")
+    attrs, components = root.get("attrs"), root.get("components")
+    if not (attrs is None or type(attrs) is bytes) or type(components) is not list:
+        raise _bad(path, "skeleton root is malformed")
+    limits.check("max_components", len(components), what="the number of components", file=path)
+    parsed = []
+    for item in components:
+        if not (
+            type(item) is list
+            and len(item) == 3
+            and type(item[0]) is bytes
+            and type(item[1]) is str
+            and type(item[2]) is bytes
+        ):
+            raise _bad(path, "skeleton component is malformed")
+        parsed.append((item[0], item[1], item[2]))
+    return Root(root["root"], attrs, parsed)

@@ -1,0 +1,41 @@
+"""Tell checkpoint formats apart from their first bytes, never from the file name."""
+
+from __future__ import annotations
+
+import os
+import struct
+from enum import Enum
+
+__all__ = ["Kind", "detect"]
+
+
+class Kind(str, Enum):
+    """What a file holds."""
+
+    SAFETENSORS = "safetensors"  # a safeckpt single file or any plain safetensors file
+    TORCH_ZIP = "torch-zip"  # torch.save of torch >= 1.6 (also TorchScript archives)
+    TORCH_LEGACY = "torch-legacy"  # torch.save before 1.6, or a bare pickle
+    MANIFEST = "manifest"  # a safeckpt multi-file manifest (JSON)
+    UNKNOWN = "unknown"
+
+
+def detect(path: str | os.PathLike[str]) -> Kind:
+    """The :class:`Kind` of the file at ``path``.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(16)
+    if len(head) >= 9:
+        (length,) = struct.unpack("<Q", head[:8])
+        if 2 <= length <= size - 8 and head[8:9] == b"{":
+            return Kind.SAFETENSORS
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return Kind.TORCH_ZIP
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return Kind.TORCH_LEGACY
+    if head.lstrip()[:1] == b"{":
+        return Kind.MANIFEST
+    return Kind.UNKNOWN

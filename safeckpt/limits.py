@@ -1,0 +1,66 @@
+"""Resource limits applied to every byte read from a file.
+
+A checkpoint may come from anyone. Every size, count and depth it declares is
+checked against a :class:`Limits` instance *before* memory is allocated for it.
+The defaults are generous for real training checkpoints and small enough that a
+hostile file fails fast; set your own when reading untrusted files on a small
+machine, or when a legitimate checkpoint is larger than the defaults allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import LimitExceededError
+
+__all__ = ["DEFAULT_LIMITS", "Limits"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a checkpoint may declare. Pass one as ``limits=`` to any loader.
+
+    Attributes:
+        max_header_bytes: size of a safetensors JSON header (the reference reader caps it at 100 MB).
+        max_skeleton_bytes: size of the decoded msgpack skeleton of non-tensor values.
+        max_depth: nesting depth of containers in the skeleton (msgpack itself stops at 1024).
+        max_tensors: number of tensor entries in one file.
+        max_components: number of top-level keys of a state.
+        max_dims: number of dimensions of one tensor.
+        max_container_len: items in one list, tuple, set or dict of the skeleton.
+        max_str_len: bytes in one string, bytes value, big integer or inline array.
+    """
+
+    max_header_bytes: int = 100 * MiB
+    max_skeleton_bytes: int = 64 * MiB
+    max_depth: int = 200
+    max_tensors: int = 1_000_000
+    max_components: int = 100_000
+    max_dims: int = 64
+    max_container_len: int = 10_000_000
+    max_str_len: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Limits.{name} must be a non-negative int, got {value!r}")
+        if self.max_depth > 1000:
+            raise ValueError("Limits.max_depth cannot exceed 1000 (the msgpack decoder's own stack)")
+
+    def check(self, name: str, actual: int, *, what: str, file: str | None = None) -> None:
+        """Raise :class:`LimitExceededError` when ``actual`` is over the bound called ``name``."""
+        maximum = getattr(self, name)
+        if actual > maximum:
+            raise LimitExceededError(
+                f"{what} is {actual}, over the limit Limits.{name}={maximum}; "
+                f"pass limits=Limits({name}=...) to read it if you trust this file",
+                limit=name,
+                maximum=maximum,
+                actual=actual,
+                file=file,
+            )
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,205 @@
+"""Class and function references that are stored by name and never imported by accident.
+
+A checkpoint names classes (``model_class``, ``sde_class``), functions
+(``loss_fn``) and enum members. safeckpt stores each as a :class:`GlobalRef`
+``("module", "qualname")`` and instances of plain-data classes as an
+:class:`OpaqueObject` (a class reference plus the instance's state). On load they
+stay inert unless the caller lists the name in ``allowed_globals``; only then is
+the module imported and the object rebuilt.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnsupportedValueError
+
+__all__ = ["AllowList", "GlobalRef", "OpaqueObject", "ref_of"]
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+MAX_NAME_LEN = 1024
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """An inert reference to a module-level class, function or enum member.
+
+    Attributes:
+        module: the module the object lives in, e.g. ``"torch.optim.adam"``.
+        qualname: its qualified name inside the module, e.g. ``"Adam"`` or ``"Color.RED"``.
+    """
+
+    module: str
+    qualname: str
+
+    def __post_init__(self) -> None:
+        for part in (self.module, self.qualname):
+            if not isinstance(part, str) or len(part) > MAX_NAME_LEN or not _DOTTED.match(part):
+                raise ValueError(f"not a valid dotted Python name: {part!r}")
+
+    @classmethod
+    def parse(cls, name: str) -> GlobalRef:
+        """Build a reference from ``"module:qualname"``.
+
+        Raises:
+            ValueError: if ``name`` is not of that form.
+        """
+        module, sep, qualname = name.partition(":")
+        if not sep:
+            raise ValueError(f"expected 'module:qualname', got {name!r}")
+        return cls(module, qualname)
+
+    @property
+    def name(self) -> str:
+        """``"module:qualname"``, the form ``allowed_globals`` accepts."""
+        return f"{self.module}:{self.qualname}"
+
+    @property
+    def short_name(self) -> str:
+        """The last part of the qualname: what ``__name__`` was (``"VPSDE"`` for ``"sde:VPSDE"``)."""
+        return self.qualname.rpartition(".")[2]
+
+    def resolve(self) -> Any:
+        """Import the module and return the object. This runs the module's import-time code.
+
+        Raises:
+            ImportError: if the module cannot be imported.
+            AttributeError: if the qualname does not exist in it.
+        """
+        obj: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=True)
+class OpaqueObject:
+    """An instance whose class was not allowed: its class reference and state, inert.
+
+    It mirrors pickle's reduce protocol: ``constructor`` is ``"new"`` for
+    ``cls.__new__(cls, *args, **kwargs)`` or ``"call"`` for ``cls(*args, **kwargs)``;
+    then ``state`` is applied (``__setstate__`` or ``__dict__``), then
+    ``list_items`` appended and ``dict_items`` set.
+    """
+
+    cls: GlobalRef
+    constructor: str = "new"
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
+    list_items: list[Any] | None = None
+    dict_items: list[tuple[Any, Any]] | None = None
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts
+
+    def rebuild(self) -> Any:
+        """Import the class and rebuild the instance. This runs the class's code."""
+        return build_object(self.cls.resolve(), self)
+
+
+def build_object(factory: Any, spec: OpaqueObject) -> Any:
+    """Rebuild an instance from an imported class or callable and its stored parts."""
+    if spec.constructor == "new":
+        obj = factory.__new__(factory, *spec.args, **spec.kwargs)
+    else:
+        obj = factory(*spec.args, **spec.kwargs)
+    state = spec.state
+    if state is not None:
+        setstate = getattr(obj, "__setstate__", None)
+        if setstate is not None:
+            setstate(state)
+        else:
+            slots: dict[str, Any] = {}
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slots = state
+            if state:
+                obj.__dict__.update(state)
+            for name, value in (slots or {}).items():
+                setattr(obj, name, value)
+    for item in spec.list_items or ():
+        obj.append(item)
+    for key, value in spec.dict_items or ():
+        obj[key] = value
+    return obj
+
+
+def ref_of(obj: Any, *, path: str | None = None) -> GlobalRef:
+    """The reference that names ``obj``: a module-level class, function or enum member.
+
+    Raises:
+        UnsupportedValueError: if ``obj`` cannot be found again by its name
+            (a lambda, a local function or class, a bound method).
+    """
+    if isinstance(obj, enum.Enum):
+        owner = ref_of(type(obj), path=path)
+        return GlobalRef(owner.module, f"{owner.qualname}.{obj.name}")
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    where = f" at {path}" if path else ""
+    if not isinstance(module, str) or not isinstance(qualname, str) or not _DOTTED.match(module) or not _DOTTED.match(qualname):
+        raise UnsupportedValueError(
+            f"{obj!r}{where} is not a module-level class or function (a lambda, a local "
+            f"definition or a bound method); define it at module level or leave it out of the state",
+            path_in_state=path,
+            value_type=type(obj).__qualname__,
+        )
+    found: Any = sys.modules.get(module)
+    try:
+        if found is None:
+            found = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:
+        found = None
+    if found is not obj:
+        raise UnsupportedValueError(
+            f"{obj!r}{where} cannot be found again as {module}:{qualname}; "
+            f"define it at module level under that name or leave it out of the state",
+            path_in_state=path,
+            value_type=type(obj).__qualname__,
+        )
+    return GlobalRef(module, qualname)
+
+
+class AllowList:
+    """The caller's ``allowed_globals``: objects, ``GlobalRef``s or ``"module:qualname"`` strings.
+
+    Nothing is imported to build it. A name is allowed when listed; an enum member
+    is also allowed when its enum class is listed.
+    """
+
+    def __init__(self, allowed: Iterable[Any] = ()) -> None:
+        if isinstance(allowed, (str, GlobalRef)) or callable(allowed):
+            allowed = (allowed,)
+        names: set[str] = set()
+        for item in allowed:
+            if isinstance(item, str):
+                names.add(GlobalRef.parse(item).name)
+            elif isinstance(item, GlobalRef):
+                names.add(item.name)
+            else:
+                names.add(ref_of(item).name)
+        self.names = frozenset(names)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def resolve(self, ref: GlobalRef) -> Any:
+        """The real object when ``ref`` is allowed, else ``ref`` itself (inert)."""
+        if ref.name in self.names:
+            return ref.resolve()
+        owner_name, dot, member = ref.qualname.rpartition(".")
+        if dot and f"{ref.module}:{owner_name}" in self.names:
+            owner = GlobalRef(ref.module, owner_name).resolve()
+            if isinstance(owner, type) and issubclass(owner, enum.Enum) and member in owner.__members__:
+                return owner[member]
+        return ref
