@@ -55,5 +55,6 @@ class Reporter:
         raise_error = getattr(self.handler, "raise_error", None)
         if callable(raise_error):
             raise_error(type(exc), message, exc)
-        exc.add_note(message)
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(message)
         raise exc
