@@ -18,9 +18,9 @@ from .errors import (
     UnsupportedValueError,
 )
 from .limits import Limits
-from .loading import load, load_single_file, open
+from .loading import load, load_multi_files, load_single_file, open
 from .refs import GlobalRef, OpaqueObject
-from .saving import save_single_file
+from .saving import save_multi_files, save_multi_from_single, save_single_file
 
 __all__ = [
     "CheckpointFormatError",
@@ -37,7 +37,10 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "load",
+    "load_multi_files",
     "load_single_file",
     "open",
+    "save_multi_files",
+    "save_multi_from_single",
     "save_single_file",
 ]

@@ -23,8 +23,10 @@ from .container import (
     Root,
     parse_root,
     read_header,
+    read_skeleton_file,
     skeleton_bytes,
 )
+from .detect import Kind, detect
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from .limits import DEFAULT_LIMITS, Limits
 from .refs import AllowList
@@ -84,10 +86,14 @@ class Checkpoint:
         self._allow = AllowList(allowed_globals)
         self._verify = verify
         self._limits = limits
-        self._header: Header = read_header(self.path, limits)
         self._handle: Any = None
         self._root: Root | None = None
         self._digests: dict[str, str] = {}
+        if detect(self.path) is Kind.SKELETON:  # a multi-file component without tensors
+            self._header = Header(str(self.path), {}, {}, 0, self.path.stat().st_size)
+            self._root = parse_root(read_skeleton_file(self.path, limits), limits, str(self.path), standalone=True)
+            return
+        self._header = read_header(self.path, limits)
         if self._header.is_safeckpt:
             raw = skeleton_bytes(self._header, limits)
             recorded = self._header.digests()
@@ -128,7 +134,7 @@ class Checkpoint:
     def metadata(self) -> dict[str, Any]:
         """Versions and creation time for a safeckpt file; the raw ``__metadata__`` otherwise."""
         meta = self._header.metadata
-        if self._root is None:
+        if self._root is None or not meta:
             return dict(meta)
         return {
             "format_version": int(meta[META_VERSION]),
@@ -155,7 +161,7 @@ class Checkpoint:
             return {e.name: ComponentInfo(1, e.nbytes, (dtype_name(e.dtype),)) for e in entries}
         out: dict[Any, ComponentInfo] = {}
         for key, (_, segment, _) in zip(self.components(), self._root.components):
-            mine = [e for e in entries if e.name == segment or e.name.startswith(segment + "/")]
+            mine = [e for e in entries if not segment or e.name == segment or e.name.startswith(segment + "/")]
             out[key] = ComponentInfo(
                 len(mine), sum(e.nbytes for e in mine), tuple(sorted({dtype_name(e.dtype) for e in mine}))
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,8 @@ __all__ = [
     "encode_state",
     "parse_root",
     "read_header",
+    "read_skeleton_file",
+    "skeleton_file_bytes",
     "write_single",
 ]
 
@@ -62,10 +65,14 @@ _HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed while the prev
 
 @dataclass
 class Encoded:
-    """A state ready to be written: the packed skeleton root and the tensor entries in file order."""
+    """A state ready to be written: the skeleton root (and its packed bytes) and the tensor entries in file order."""
 
-    skeleton: bytes
+    root: dict[str, Any]
     entries: list[Entry]
+
+    @functools.cached_property
+    def skeleton(self) -> bytes:
+        return pack(self.root)
 
 
 def _segment(key: Any) -> str:
@@ -107,7 +114,7 @@ def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = Tru
         "attrs": None if encoded_attrs is None else pack(encoded_attrs),
         "components": [[pack(k), segment, pack(v)] for k, segment, v in components],
     }
-    return Encoded(pack(root), entries)
+    return Encoded(root, entries)
 
 
 # --------------------------------------------------------------------------- writing
@@ -151,20 +158,21 @@ def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
 
 def write_single(f: BinaryIO, encoded: Encoded) -> None:
     """Write a single-file checkpoint to the binary file ``f`` (which must be seekable)."""
+    skeleton = encoded.skeleton
     metadata = {
         META_FORMAT: "pt",
         META_VERSION: str(FORMAT_VERSION),
         META_LIBRARY: __version__,
         META_TORCH: str(torch.__version__),
         META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        META_SKELETON: base64.b64encode(encoded.skeleton).decode("ascii"),
+        META_SKELETON: base64.b64encode(skeleton).decode("ascii"),
         META_DIGESTS: _placeholder_digests(len(encoded.entries)),
     }
     header = _header_bytes(encoded.entries, metadata)
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
     digests = _write_entries(f, encoded.entries)
-    metadata[META_DIGESTS] = DIGEST_PREFIX + hashlib.sha256(encoded.skeleton).hexdigest() + "".join(digests)
+    metadata[META_DIGESTS] = DIGEST_PREFIX + hashlib.sha256(skeleton).hexdigest() + "".join(digests)
     final = _header_bytes(encoded.entries, metadata)
     assert len(final) == len(header), "digests must not change the header length"
     f.seek(8)
@@ -202,6 +210,11 @@ class Header:
     @property
     def is_safeckpt(self) -> bool:
         return META_SKELETON in self.metadata
+
+    @property
+    def header_bytes(self) -> int:
+        """Size of the length prefix plus the JSON header."""
+        return self.data_start
 
     def digests(self) -> tuple[str, dict[str, str]] | None:
         """(skeleton digest, {entry: digest}) when the file records them."""
@@ -313,7 +326,24 @@ def skeleton_bytes(header: Header, limits: Limits) -> bytes:
         raise _bad(header.path, f"skeleton is not valid base64: {exc}") from exc
 
 
-def parse_root(raw: bytes, limits: Limits, path: str) -> Root:
+SKELETON_FILE_FORMAT = "safeckpt-skeleton"
+
+
+def skeleton_file_bytes(encoded: Encoded) -> bytes:
+    """A component without tensors as a standalone msgpack file (FORMAT.md section 3)."""
+    return pack({"format": SKELETON_FILE_FORMAT, "format_version": FORMAT_VERSION, **encoded.root})
+
+
+def read_skeleton_file(path: str | os.PathLike[str], limits: Limits) -> bytes:
+    """The bytes of a standalone skeleton file, size-checked before they are read."""
+    name = os.fspath(path)
+    with open(name, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=name)
+        return f.read()
+
+
+def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = False) -> Root:
     """Decode the top level of a skeleton (plain msgpack, no extension types)."""
     try:
         root = msgpack.unpackb(
@@ -330,6 +360,12 @@ def parse_root(raw: bytes, limits: Limits, path: str) -> Root:
         raise _bad(path, f"skeleton root is corrupt: {type(exc).__name__}: {exc}") from exc
     if type(root) is not dict or root.get("root") not in ("dict", "ordered_dict"):
         raise _bad(path, "skeleton root is malformed")
+    if standalone:
+        version = root.get("format_version")
+        if root.get("format") != SKELETON_FILE_FORMAT or type(version) is not int:
+            raise _bad(path, "not a safeckpt skeleton file")
+        if version > FORMAT_VERSION:
+            raise _bad(path, f"written in safeckpt format version {version}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
     attrs, components = root.get("attrs"), root.get("components")
     if not (attrs is None or type(attrs) is bytes) or type(components) is not list:
         raise _bad(path, "skeleton root is malformed")

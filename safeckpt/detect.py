@@ -16,6 +16,7 @@ class Kind(str, Enum):
     TORCH_ZIP = "torch-zip"  # torch.save of torch >= 1.6 (also TorchScript archives)
     TORCH_LEGACY = "torch-legacy"  # torch.save before 1.6, or a bare pickle
     MANIFEST = "manifest"  # a safeckpt multi-file manifest (JSON)
+    SKELETON = "skeleton"  # a safeckpt component without tensors (msgpack)
     UNKNOWN = "unknown"
 
 
@@ -34,6 +35,8 @@ def detect(path: str | os.PathLike[str]) -> Kind:
             return Kind.SAFETENSORS
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return Kind.TORCH_ZIP
+    if head[1:8] == b"\xa6format" and 0x81 <= head[0] <= 0x8F:
+        return Kind.SKELETON
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
         return Kind.TORCH_LEGACY
     if head.lstrip()[:1] == b"{":

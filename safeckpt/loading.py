@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import Checkpoint
 from .detect import Kind, detect
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from .handler import logger
 from .limits import DEFAULT_LIMITS, Limits
+from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 
-__all__ = ["load", "load_single_file", "open"]
+__all__ = ["load", "load_multi_files", "load_single_file", "open"]
 
 Device = str | torch.device | int
 
@@ -47,7 +49,7 @@ def open(
         CheckpointFormatError: if the file is not a safetensors file.
     """
     kind = detect(path)
-    if kind is not Kind.SAFETENSORS:
+    if kind not in (Kind.SAFETENSORS, Kind.SKELETON):
         raise CheckpointFormatError(
             f"{path} is a {kind.value} file; open() reads safeckpt and safetensors files, use load() for others",
             file=os.fspath(path),
@@ -96,7 +98,7 @@ def load_single_file(
         IntegrityError: with ``verify=True``, on a digest mismatch.
     """
     kind = detect(path)
-    if kind is Kind.SAFETENSORS:
+    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
         with Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits) as ckpt:
             return ckpt.load()
     if kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):
@@ -104,9 +106,83 @@ def load_single_file(
     raise CheckpointFormatError(f"{path} is not a checkpoint safeckpt can read ({kind.value})", file=os.fspath(path))
 
 
+def load_multi_files(
+    path: str | os.PathLike[str],
+    keys: Iterable[str] | None = None,
+    *,
+    device: Device = "cpu",
+    allowed_globals: Iterable[Any] = (),
+    trust_pickle: bool = False,
+    verify: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Load a multi-file set written by ``save_multi_files``.
+
+    Args:
+        path: the set's base path (``models/m.pth``) or its manifest
+            (``models/m.safeckpt.json``). Without a manifest, the files
+            ``{base}_{key}.*`` are discovered (``torch.save`` ones need ``trust_pickle``).
+        keys: components to load (default: all).
+        device, allowed_globals, trust_pickle, verify, limits: as for :func:`load_single_file`;
+            ``verify=True`` also checks every file against the manifest's digests,
+            which detects a torn set (a save interrupted between files).
+
+    Returns:
+        ``{key: value}`` in the manifest's order.
+
+    Raises:
+        FileNotFoundError: if there is neither a manifest nor component files.
+        ComponentNotFoundError: if a key in ``keys`` is not in the set.
+        IntegrityError: if a file's size (always) or digest (``verify``) differs from the manifest.
+        CheckpointFormatError: for a malformed manifest, or one naming a file outside its directory.
+    """
+    options = dict(device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify, limits=limits)
+    manifest_file = find_manifest(path)
+    files: dict[str, Path]
+    if manifest_file is not None:
+        manifest = read_manifest(manifest_file, limits)
+        files = {e.key: check_entry(manifest, e, verify=verify, limits=limits) for e in manifest.entries
+                 if keys is None or e.key in set(keys)}
+        available = [e.key for e in manifest.entries]
+    else:
+        files = discover(path)
+        if not files:
+            raise FileNotFoundError(f"no manifest {manifest_path(path)} and no component files {split_base(path)}_*")
+        available = list(files)
+        options["verify"] = False  # nothing recorded to verify against without a manifest
+        if verify:
+            raise IntegrityError(f"{path} has no manifest, so there are no digests to verify", file=os.fspath(path))
+    wanted = list(available) if keys is None else list(keys)
+    missing = [key for key in wanted if key not in files]
+    if missing:
+        raise ComponentNotFoundError(
+            f"{path} has no component {missing[0]!r}; it has {available}", name=missing[0], available=available
+        )
+    out: dict[str, Any] = {}
+    for key in wanted:
+        out[key] = _load_component(files[key], key, options)
+    return out
+
+
+def _load_component(file: Path, key: str, options: dict[str, Any]) -> Any:
+    value = load_single_file(file, **options)
+    if isinstance(value, dict) and list(value) == [key]:  # a safeckpt component file holds {key: value}
+        return value[key]
+    if detect(file) in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):  # a seed torch.save component: the value itself
+        return value
+    if isinstance(value, dict) and key not in value:  # a plain safetensors file: a state dict
+        return value
+    raise CheckpointFormatError(f"{file} does not hold component {key!r}", file=str(file))
+
+
 def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Load any checkpoint safeckpt reads, detecting its format from its bytes.
 
-    Takes the keyword arguments of :func:`load_single_file`.
+    ``path`` may be a safeckpt single file, a plain safetensors file, a
+    ``torch.save`` file (see ``trust_pickle``), a multi-file manifest, or the base
+    path of a multi-file set. Takes the keyword arguments of :func:`load_single_file`.
     """
+    if not Path(path).is_file() or detect(path) is Kind.MANIFEST:
+        if find_manifest(path) is not None or not Path(path).exists():
+            return load_multi_files(path, **kwargs)
     return load_single_file(path, **kwargs)

@@ -1,27 +1,41 @@
-"""The seed checkpoint API: ``save_single_file``, with the seed's names and parameters.
+"""The seed checkpoint API: ``save_single_file``, ``save_multi_files``, ``save_multi_from_single``.
 
-Replacing ``from nn_handler.checkpointing.saving import save_single_file`` with
-``from safeckpt.saving import save_single_file`` is the whole migration.
+Same names and positional parameters as ``nn_handler.checkpointing.saving``:
+replacing that import with ``from safeckpt.saving import ...`` is the whole
+migration. Unlike the seed, the caller's state is never modified.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .container import encode_state, write_single
+from .container import Encoded, encode_state, skeleton_file_bytes, write_single
 from .errors import FallbackWarning, UnsupportedValueError
 from .handler import Reporter
 from .io import atomic_path, atomic_write
 from .limits import DEFAULT_LIMITS
+from .loading import load_single_file
+from .multifile import (
+    DEFAULT_KEYS,
+    ManifestEntry,
+    check_keys,
+    component_path,
+    file_digest,
+    manifest_bytes,
+    manifest_path,
+    split_base,
+)
+from .refs import GlobalRef
 
-__all__ = ["FORMATS", "save_single_file"]
+__all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
 
 FORMATS = ("safe", "torch", "auto")
 
@@ -36,33 +50,37 @@ def _torch_save(value: Any, path: Path) -> None:
         torch.save(value, temp)
 
 
-def _write_one(state: Mapping[Any, Any], path: Path, format: str) -> str:
-    """Write ``state`` to ``path`` in ``format``; return the format actually written."""
-    if format == "torch":
-        _torch_save(state, path)
-        return "torch"
-    try:
-        encoded = encode_state(state, DEFAULT_LIMITS)
-    except UnsupportedValueError as exc:
-        if format != "auto":
-            raise
-        warnings.warn(
-            f"{exc.path_in_state} cannot be stored in the safe format ({exc}); wrote {path} with torch.save instead",
-            FallbackWarning,
-            stacklevel=4,
-        )
-        _torch_save(state, path)
-        return "torch"
-    atomic_write(path, partial(write_single, encoded=encoded))
-    return "safe"
+def _fallback(exc: UnsupportedValueError, where: Path) -> None:
+    warnings.warn(
+        f"{exc.path_in_state} cannot be stored in the safe format ({exc}); writing {where} with torch.save instead",
+        FallbackWarning,
+        stacklevel=5,
+    )
+
+
+# --------------------------------------------------------------------------- single file
+
+
+def _write_single(state: Mapping[Any, Any], path: Path, format: str) -> None:
+    if format != "torch":
+        try:
+            encoded = encode_state(state, DEFAULT_LIMITS)
+        except UnsupportedValueError as exc:
+            if format != "auto":
+                raise
+            _fallback(exc, path)
+        else:
+            atomic_write(path, partial(write_single, encoded=encoded))
+            return
+    _torch_save(state, path)
 
 
 def save_single_file(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathLike[str], *, format: str = "safe") -> Path:
     """Save a whole training state to one file.
 
     Args:
-        nn_handler: any object or ``None``; see :mod:`safeckpt.handler` for how its
-            ``log``, ``raise_error`` and ``_rank`` are used.
+        nn_handler: any object or ``None``; its ``log``, ``raise_error`` and
+            ``_rank`` are used as :mod:`safeckpt.handler` describes.
         state: a dict (or OrderedDict) of the training state; never modified.
         path: the file to write; its parent directory is created if missing.
         format: ``"safe"`` (safetensors + msgpack, no pickle), ``"torch"``
@@ -73,16 +91,165 @@ def save_single_file(nn_handler: Any, state: Mapping[Any, Any], path: str | os.P
         The path written.
 
     Raises:
-        UnsupportedValueError: with ``format="safe"``, naming the path in the state of
-            a value the safe format cannot hold (through ``nn_handler.raise_error`` when it has one).
+        UnsupportedValueError: with ``format="safe"``, naming the path in the state
+            of a value the safe format cannot hold.
         OSError: if the file cannot be written; a previous file at ``path`` is left intact.
+        Errors go through ``nn_handler.raise_error`` when it has one.
     """
     _check_format(format)
     reporter = Reporter(nn_handler)
     target = Path(path)
     try:
-        _write_one(state, target, format)
+        _write_single(state, target, format)
     except Exception as exc:
         reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {exc}")
     reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {target}")
     return target
+
+
+# --------------------------------------------------------------------------- multi files
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, GlobalRef):
+        return value.short_name
+    return str(getattr(value, "__name__", type(value).__name__))
+
+
+def fold_model_kwargs(state: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The seed's folding of metadata into ``model_kwargs``, on a copy.
+
+    ``seed``, ``sde_class`` (as ``sde_class_name``, the class's ``__name__``),
+    ``sde_kwargs``, ``nn_handler_version`` and ``pytorch_version`` are added to a
+    copy of ``model_kwargs`` (``{}`` when it is missing or ``None``). The state
+    and its ``model_kwargs`` are left untouched.
+    """
+    kwargs = state.get("model_kwargs")
+    kwargs = {} if kwargs is None else copy.copy(kwargs)
+    if state.get("seed") is not None:
+        kwargs["seed"] = state["seed"]
+    if state.get("sde_class") is not None:
+        kwargs["sde_class_name"] = _class_name(state["sde_class"])
+        kwargs["sde_kwargs"] = state.get("sde_kwargs")
+    kwargs["nn_handler_version"] = state.get("nn_handler_version")
+    kwargs["pytorch_version"] = state.get("pytorch_version")
+    folded = dict(state)
+    folded["model_kwargs"] = kwargs
+    return folded
+
+
+def _encode_components(state: Mapping[Any, Any], keys: list[str]) -> dict[str, Encoded]:
+    return {
+        key: encode_state({key: state[key]}, DEFAULT_LIMITS, dedupe=False, prefixed=False)
+        for key in keys
+    }
+
+
+def _write_safe_set(path: Path, components: dict[str, Encoded]) -> dict[str, Path]:
+    written: dict[str, Path] = {}
+    entries = []
+    for key, encoded in components.items():
+        target = component_path(path, key, has_tensors=bool(encoded.entries))
+        if encoded.entries:
+            atomic_write(target, partial(write_single, encoded=encoded))
+        else:
+            atomic_write(target, lambda f, e=encoded: f.write(skeleton_file_bytes(e)))
+        entries.append(ManifestEntry(key, target.name, target.stat().st_size, file_digest(target, DEFAULT_LIMITS)))
+        written[key] = target
+    manifest = manifest_path(path)
+    atomic_write(manifest, lambda f: f.write(manifest_bytes(entries)))  # the commit point
+    return written
+
+
+def _write_torch_set(path: Path, state: Mapping[Any, Any], keys: list[str]) -> dict[str, Path]:
+    base, ext = os.path.splitext(path)
+    written = {}
+    for key in keys:
+        target = Path(f"{base}_{key}{ext}")
+        _torch_save(state[key], target)
+        written[key] = target
+    return written
+
+
+def _write_multi(state: Mapping[Any, Any], path: Path, keys_to_save: Iterable[str] | None, format: str) -> dict[str, Path]:
+    keys = check_keys(DEFAULT_KEYS if keys_to_save is None else keys_to_save)
+    folded = fold_model_kwargs(state)
+    present = [key for key in keys if folded.get(key) is not None]
+    if format != "torch":
+        try:
+            components = _encode_components(folded, present)
+        except UnsupportedValueError as exc:
+            if format != "auto":
+                raise
+            _fallback(exc, Path(split_base(path) + "_*"))
+        else:
+            return _write_safe_set(path, components)
+    return _write_torch_set(path, folded, present)
+
+
+def save_multi_files(
+    nn_handler: Any,
+    state: Mapping[Any, Any],
+    path: str | os.PathLike[str],
+    keys_to_save: Iterable[str] | None = None,
+    *,
+    format: str = "safe",
+) -> dict[str, Path]:
+    """Save chosen components of a state to one file each, plus a manifest.
+
+    For base ``models/m.pth``: ``models/m_<key>.safetensors`` for a component with
+    tensors (a ``model_state_dict`` file holds exactly the state-dict keys, so
+    ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)`` works),
+    ``models/m_<key>.msgpack`` for one without, then ``models/m.safeckpt.json``.
+    As in the seed, ``seed``, ``sde_class`` (its name), ``sde_kwargs``,
+    ``nn_handler_version`` and ``pytorch_version`` are folded into the saved
+    ``model_kwargs`` (on a copy).
+
+    Args:
+        nn_handler: any object or ``None`` (see :func:`save_single_file`).
+        state: the training state; never modified.
+        path: the base path; its parent directory is created if missing.
+        keys_to_save: components to save (default ``model_state_dict``,
+            ``optimizer_state_dict``, ``model_kwargs``); keys missing from the state
+            or whose value is ``None`` are skipped.
+        format: ``"safe"``, ``"torch"`` (``torch.save`` per component, named
+            ``{base}_{key}{ext}`` as the seed did, no manifest) or ``"auto"``.
+
+    Returns:
+        ``{key: path}`` of the component files written.
+
+    Raises:
+        ValueError: if a key is not a safe file-name fragment (before anything is written).
+        UnsupportedValueError: with ``format="safe"``, naming the offending path.
+        OSError: if a file cannot be written.
+    """
+    _check_format(format)
+    reporter = Reporter(nn_handler)
+    target = Path(path)
+    try:
+        written = _write_multi(state, target, keys_to_save, format)
+    except Exception as exc:
+        reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {exc}")
+    reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {target}")
+    return written
+
+
+def save_multi_from_single(
+    path: str | os.PathLike[str],
+    keys_to_save: Iterable[str] | None = None,
+    *,
+    allowed_globals: Iterable[Any] = (),
+) -> dict[str, Path]:
+    """Split a single-file checkpoint into a multi-file set next to it.
+
+    The set is based at ``path`` (``models/m.safeckpt`` gives ``models/m_<key>.*``
+    and ``models/m.safeckpt.json``), with the seed's ``model_kwargs`` folding.
+    Class references stay inert ``GlobalRef``s unless listed in ``allowed_globals``.
+
+    Returns:
+        ``{key: path}`` of the component files written.
+    """
+    state = load_single_file(path, allowed_globals=allowed_globals)
+    if not isinstance(state, Mapping):
+        raise UnsupportedValueError(f"{path} does not hold a dict state", path_in_state="state")
+    return save_multi_files(None, state, path, keys_to_save)
