@@ -25,7 +25,8 @@ class Limits:
     Attributes:
         max_header_bytes: size of a safetensors JSON header (the reference reader caps it at 100 MB).
         max_skeleton_bytes: size of the decoded msgpack skeleton of non-tensor values.
-        max_depth: nesting depth of containers in the skeleton (msgpack itself stops at 1024).
+        max_depth: nesting depth of values a save accepts. Decoding never recurses in
+            Python; msgpack's decoder stops any input nested deeper than 1024.
         max_tensors: number of tensor entries in one file.
         max_components: number of top-level keys of a state.
         max_dims: number of dimensions of one tensor.
