@@ -23,8 +23,8 @@ from .refs import GlobalRef, OpaqueObject
 from .saving import save_multi_files, save_multi_from_single, save_single_file
 
 __all__ = [
-    "CheckpointFormatError",
     "Checkpoint",
+    "CheckpointFormatError",
     "ComponentNotFoundError",
     "FallbackWarning",
     "GlobalRef",

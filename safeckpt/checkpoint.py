@@ -87,6 +87,7 @@ class Checkpoint:
         self._verify = verify
         self._limits = limits
         self._handle: Any = None
+        self._handed_out: set[str] = set()
         self._root: Root | None = None
         self._digests: dict[str, str] = {}
         if detect(self.path) is Kind.SKELETON:  # a multi-file component without tensors
@@ -118,6 +119,7 @@ class Checkpoint:
     def close(self) -> None:
         """Release the file mapping. Tensors already returned stay valid."""
         self._handle = None
+        self._handed_out.clear()
 
     def __repr__(self) -> str:
         kind = "safeckpt" if self._root is not None else "safetensors"
@@ -159,9 +161,16 @@ class Checkpoint:
         entries = self._header.entries.values()
         if self._root is None:
             return {e.name: ComponentInfo(1, e.nbytes, (dtype_name(e.dtype),)) for e in entries}
+        owned: dict[str, list[Any]] = {segment: [] for _, segment, _ in self._root.components}
+        for e in entries:
+            segment = "" if "" in owned else e.name.partition("/")[0]
+            if segment not in owned:  # a top-level tensor whose name got a "#n" suffix
+                segment = segment.rpartition("#")[0]
+            if segment in owned:
+                owned[segment].append(e)
         out: dict[Any, ComponentInfo] = {}
         for key, (_, segment, _) in zip(self.components(), self._root.components):
-            mine = [e for e in entries if not segment or e.name == segment or e.name.startswith(segment + "/")]
+            mine = owned[segment]
             out[key] = ComponentInfo(
                 len(mine), sum(e.nbytes for e in mine), tuple(sorted({dtype_name(e.dtype) for e in mine}))
             )
@@ -179,7 +188,11 @@ class Checkpoint:
             raise ComponentNotFoundError(
                 f"no tensor {name!r} in {self.path}", name=name, available=list(self._header.entries)[:20], file=str(self.path)
             )
+        if name in self._handed_out:  # the mapping is private copy-on-write: a caller may have written to it
+            self._handle = None
+            self._handed_out.clear()
         tensor = self._open().get_tensor(name)
+        self._handed_out.add(name)
         if self._verify and name in self._digests:
             self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
         if self.device.type not in _SAFE_OPEN_DEVICES:

@@ -82,9 +82,9 @@ def render_path(path: tuple[Any, ...]) -> str:
     return "state" + "".join(f"[{seg!r}]" for seg in path)
 
 
-def _tensor_hint(path: tuple[Any, ...]) -> str:
-    name = "/".join(str(seg) for seg in path) or "tensor"
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+def _tensor_hint(prefix: str, path: tuple[Any, ...]) -> str:
+    name = "/".join([prefix, *(str(seg) for seg in path[1:])] if prefix else [str(seg) for seg in path[1:]])
+    return (name or "tensor").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -100,6 +100,7 @@ class Encoder:
 
     def __init__(self, plan: TensorPlan, limits: Limits) -> None:
         self._plan = plan
+        self.prefix = ""  # entry names start with this in place of the path's first segment
         self._limits = limits
         self._tensors: dict[int, tuple[Any, list[Any]]] = {}  # id -> (object kept alive, payload)
         self._active: set[int] = set()  # containers being encoded, to catch cycles
@@ -229,7 +230,7 @@ class Encoder:
         if stored.is_conj() or stored.is_neg():
             stored = stored.resolve_conj().resolve_neg()
         payload: list[Any] = [_TAGS[Tag.TENSOR], None, flags, None]
-        self._plan.add(stored, _tensor_hint(path), payload)
+        self._plan.add(stored, _tensor_hint(self.prefix, path), payload)
         self._tensors[id(value)] = (value, payload)
         return payload
 
@@ -242,12 +243,12 @@ class Encoder:
         if dtype.kind in _NUMPY_KINDS_AS_TENSOR and dtype.fields is None and dtype.subdtype is None:
             native = value if dtype.isnative else value.astype(dtype.newbyteorder("="))
             try:
-                as_tensor = torch.from_numpy(np.ascontiguousarray(native))
+                as_tensor = torch.from_numpy(native if native.flags.c_contiguous else native.copy(order="C"))
             except TypeError:  # a numpy dtype torch lacks (float128, ...): inline bytes below
                 pass
             else:
                 payload: list[Any] = [_TAGS[Tag.NDARRAY], None, dtype.str, None]
-                self._plan.add(as_tensor, _tensor_hint(path), payload)
+                self._plan.add(as_tensor, _tensor_hint(self.prefix, path), payload)
                 self._tensors[id(value)] = (value, payload)
                 return payload
         if not _NUMPY_DTYPE.match(dtype.str) or dtype.fields is not None:
@@ -257,7 +258,7 @@ class Encoder:
                 path_in_state=where,
                 value_type="numpy.ndarray",
             )
-        return [_TAGS[Tag.NDARRAY_BYTES], dtype.str, list(value.shape), np.ascontiguousarray(value).tobytes()]
+        return [_TAGS[Tag.NDARRAY_BYTES], dtype.str, list(value.shape), value.tobytes(order="C")]
 
     def _numpy_scalar(self, value: np.generic, path: tuple[Any, ...], depth: int) -> Any:
         code = value.dtype.str
@@ -571,7 +572,9 @@ class Decoder:
         key = (entry, repr(view))
         tensor = self._tensors.get(key)
         if tensor is None:
-            tensor = self._source(entry)
+            tensor = self._tensors.get(entry)
+            if tensor is None:  # one read per entry, so that all its views share it
+                tensor = self._tensors[entry] = self._source(entry)
             if view is not None:
                 tensor = view_tensor(tensor, view, max_dims=self._limits.max_dims, where=entry)
             self._tensors[key] = tensor

@@ -76,7 +76,10 @@ class Encoded:
 
 
 def _segment(key: Any) -> str:
-    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+    """A component's name prefix: ``str(key)`` with ``%`` and ``/`` escaped, so that the
+    text before an entry name's first ``/`` always names its component."""
+    text = str(key).replace("%", "%25").replace("/", "%2F")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = True, prefixed: bool = True) -> Encoded:
@@ -103,10 +106,10 @@ def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = Tru
     segments = NameAllocator()
     components = []
     for key, value in state.items():
-        segment = segments.claim(_segment(key)) if prefixed else ""
-        path = (key,) if prefixed else ()
-        components.append([encoder.encode(key, (key,)), segment, encoder.encode(value, path)])
+        segment = encoder.prefix = segments.claim(_segment(key)) if prefixed else ""
+        components.append([encoder.encode(key, (key,)), segment, encoder.encode(value, (key,))])
     attrs = vars(state) if type(state) is OrderedDict else {}
+    encoder.prefix = segments.claim("__dict__")
     encoded_attrs = encoder.encode(dict(attrs), ("__dict__",)) if attrs else None
     entries = plan.finalize()  # fills the tensor references inside the encoded values
     root = {
