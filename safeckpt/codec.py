@@ -167,9 +167,14 @@ class Encoder:
         finally:
             self._active.discard(id(value))
         try:
-            return dict(pairs)
-        except TypeError:  # a key encoded as an array (a tuple key, ...): keep pairs
-            return [_TAGS[Tag.DICT], *(x for pair in pairs for x in pair)]
+            encoded = dict(pairs)
+        except TypeError:  # a key encoded as an array (a tuple key, ...)
+            encoded = None
+        if encoded is not None and len(encoded) == len(pairs):
+            return encoded
+        # keep the pairs: keys msgpack maps cannot hold, or distinct keys that encode
+        # equally (two nan complex numbers)
+        return [_TAGS[Tag.DICT], *(x for pair in pairs for x in pair)]
 
     def _ordered_dict(self, value: OrderedDict[Any, Any], path: tuple[Any, ...], depth: int) -> Any:
         self._enter(value, path)
@@ -213,7 +218,7 @@ class Encoder:
 
     def _tensor(self, value: torch.Tensor, path: tuple[Any, ...], depth: int) -> Any:
         seen = self._tensors.get(id(value))
-        if seen is not None:
+        if seen is not None and self._plan.dedupe:  # else each path gets its own entry too
             return seen[1]
         where = render_path(path)
         problem = _unsupported_tensor(value)

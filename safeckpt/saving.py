@@ -54,7 +54,7 @@ def _fallback(exc: UnsupportedValueError, where: Path) -> None:
     warnings.warn(
         f"{exc.path_in_state} cannot be stored in the safe format ({exc}); writing {where} with torch.save instead",
         FallbackWarning,
-        stacklevel=5,
+        stacklevel=4,
     )
 
 

@@ -99,8 +99,10 @@ class Entry:
 
     def cpu_bytes(self) -> torch.Tensor:
         """The entry's bytes as a flat contiguous CPU ``uint8`` tensor (a view when possible)."""
-        data = self.source()
-        return data.reshape(-1).view(torch.uint8)
+        if self.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        data = self.source()  # contiguous, though size-1 dims may carry any stride
+        return data.as_strided((data.numel(),), (1,)).view(torch.uint8)
 
 
 @dataclass
@@ -148,7 +150,7 @@ class TensorPlan:
 
     def __init__(self, names: NameAllocator, *, dedupe: bool = True) -> None:
         self._names = names
-        self._dedupe = dedupe
+        self.dedupe = dedupe
         self._groups: dict[Any, list[_Member]] = {}
 
     def add(self, tensor: torch.Tensor, hint: str, payload: list[Any]) -> None:
@@ -188,7 +190,7 @@ class TensorPlan:
         if all(_signature(m.tensor) == _signature(first.tensor) for m in members):
             entries = [self._own_entry(first)]
             for m in members[1:]:
-                if not self._dedupe:  # a copy under its own name, for plain readers only
+                if not self.dedupe:  # a copy under its own name, for plain readers only
                     entries.append(self._own_entry(m))
                 m.payload[1], m.payload[3] = first.payload[1], first.payload[3]
             return entries
