@@ -7,6 +7,7 @@ migration. Unlike the seed, the caller's state is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -162,12 +163,12 @@ def _write_safe_set(path: Path, components: dict[str, Encoded]) -> dict[str, Pat
 
 
 def _write_torch_set(path: Path, state: Mapping[Any, Any], keys: list[str]) -> dict[str, Path]:
+    """``torch.save`` each component as the seed did; all files are written before any replaces its target."""
     base, ext = os.path.splitext(path)
-    written = {}
-    for key in keys:
-        target = Path(f"{base}_{key}{ext}")
-        _torch_save(state[key], target)
-        written[key] = target
+    written = {key: Path(f"{base}_{key}{ext}") for key in keys}
+    with contextlib.ExitStack() as stack:
+        for key, target in written.items():
+            torch.save(state[key], stack.enter_context(atomic_path(target)))
     return written
 
 
