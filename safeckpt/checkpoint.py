@@ -226,10 +226,16 @@ class Checkpoint:
         state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
         for key, _, value in self._root.components:
             name = decoder.unpack(key, "a component key")
-            if name in state:
-                raise CheckpointFormatError(f"{self.path}: component {name!r} appears twice", file=str(self.path))
-            state[name] = decoder.unpack(value, f"component {name!r}")
+            try:
+                duplicate = name in state
+            except TypeError as exc:
+                raise CheckpointFormatError(f"{self.path}: a component key is unhashable", file=str(self.path)) from exc
+            if duplicate:
+                raise CheckpointFormatError(f"{self.path}: component {name!r:.100} appears twice", file=str(self.path))
+            state[name] = decoder.unpack(value, f"component {name!r:.100}")
         if self._root.attrs is not None:
+            if self._root.kind != "ordered_dict":
+                raise CheckpointFormatError(f"{self.path}: a plain dict state cannot carry attributes", file=str(self.path))
             attrs = decoder.unpack(self._root.attrs, "the state's attributes")
             if type(attrs) is not dict or not all(type(k) is str and k.isidentifier() and not k.startswith("__") for k in attrs):
                 raise CheckpointFormatError(f"{self.path}: malformed state attributes", file=str(self.path))

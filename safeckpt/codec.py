@@ -172,9 +172,24 @@ class Encoder:
             encoded = None
         if encoded is not None and len(encoded) == len(pairs):
             return encoded
-        # keep the pairs: keys msgpack maps cannot hold, or distinct keys that encode
-        # equally (two nan complex numbers)
+        if encoded is not None:  # distinct keys that encode equally
+            self._check_distinct_keys(value, pairs, path)
+        # keep the pairs: keys msgpack maps cannot hold, or nan keys that encode equally
         return [_TAGS[Tag.DICT], *(x for pair in pairs for x in pair)]
+
+    @staticmethod
+    def _check_distinct_keys(value: dict[Any, Any], pairs: list[tuple[Any, Any]], path: tuple[Any, ...]) -> None:
+        """Refuse keys that would load as equal (a class and its GlobalRef); nan keys stay distinct."""
+        seen: dict[Any, Any] = {}
+        for key, (encoded_key, _) in zip(value, pairs):
+            if encoded_key in seen and key == key:
+                where = render_path(path)
+                raise UnsupportedValueError(
+                    f"{where} has keys {seen[encoded_key]!r} and {key!r}, which would load as the same key",
+                    path_in_state=where,
+                    value_type="dict",
+                )
+            seen.setdefault(encoded_key, key)
 
     def _ordered_dict(self, value: OrderedDict[Any, Any], path: tuple[Any, ...], depth: int) -> Any:
         self._enter(value, path)
@@ -274,7 +289,8 @@ class Encoder:
                 path_in_state=where,
                 value_type=type(value).__qualname__,
             )
-        return msgpack.ExtType(Ext.NUMPY_SCALAR, code.encode() + b"\0" + value.tobytes())
+        raw = value.tobytes()[: value.dtype.itemsize]  # an empty np.str_ still gives 4 bytes
+        return msgpack.ExtType(Ext.NUMPY_SCALAR, code.encode() + b"\0" + raw)
 
     # everything else ------------------------------------------------------------
 
@@ -317,7 +333,7 @@ class Encoder:
             factory, args, constructor = args[0], args[1:], "new"
         elif factory is copyreg.__newobj_ex__:
             (factory, args, kwargs), constructor = args, "new"
-        ref = ref_of(factory, path=f"{where} (its class or constructor)")
+        ref = ref_of(factory, path=where)
         self._enter(value, path)
         try:
             items = list(list_items) if list_items is not None else None
@@ -508,6 +524,8 @@ class Decoder:
             dtype = _numpy_dtype(code_bytes.decode("ascii"))
             if not sep or len(raw) != dtype.itemsize:
                 raise _fail("malformed numpy scalar")
+            if not raw:  # an empty np.str_ / np.bytes_
+                return dtype.type()
             return np.frombuffer(raw, dtype=dtype, count=1)[0]
         if code == Ext.GLOBAL:
             ref = GlobalRef.parse(data.decode("utf-8"))

@@ -14,6 +14,7 @@ import enum
 import importlib
 import re
 import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,7 @@ def ref_of(obj: Any, *, path: str | None = None) -> GlobalRef:
         return GlobalRef(owner.module, f"{owner.qualname}.{obj.name}")
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    where = f" at {path}" if path else ""
+    where = f" at {path} (or its class)" if path and not isinstance(obj, (type, types.FunctionType)) else f" at {path}" if path else ""
     if not isinstance(module, str) or not isinstance(qualname, str) or not _DOTTED.match(module) or not _DOTTED.match(qualname):
         raise UnsupportedValueError(
             f"{obj!r}{where} is not a module-level class or function (a lambda, a local "
