@@ -1,4 +1,4 @@
-"""safeckpt quickstart: train a tiny model, save it without pickle, look inside, load it back, resume.
+"""safeckpt quickstart: train a tiny model, save it without pickle, look inside, load it back, resume, convert a legacy file.
 
 Run: python examples/quickstart.py [--out DIR]
 Everything it writes goes to DIR (a fresh temporary directory by default).
@@ -89,11 +89,18 @@ def main() -> None:
     if not same or next_original != next_restored:
         raise SystemExit("resume mismatch")
 
-    legacy = safeckpt.save_single_file(None, state, out / "tiny_legacy.pth", format="torch")
-    try:
-        safeckpt.load(legacy)
-    except safeckpt.CheckpointFormatError as exc:
-        print(f"a torch.save file for old loaders was written to {legacy.name}; safeckpt refuses to unpickle it: {exc}")
+    legacy = out / "tiny_legacy.pth"
+    torch.save(state, legacy)  # what most checkpoints in the wild are: a pickle
+    report = safeckpt.scan(legacy)
+    print(f"scanned the legacy torch.save file {legacy.name}: {report.verdict}, "
+          f"{len(report.globals)} globals referenced, none executed")
+    converted = safeckpt.convert(legacy, out / "tiny_converted.safetensors")
+    back = safeckpt.load(converted)
+    same_weights = all(torch.equal(back["model_state_dict"][k], v) for k, v in state["model_state_dict"].items())
+    print(f"converted it without running its pickle: {converted.name}; weights identical: {same_weights}; "
+          f"model_class = {back['model_class']!r}")
+    if not same_weights:
+        raise SystemExit("conversion mismatch")
     print(f"done; files are in {out}")
 
 

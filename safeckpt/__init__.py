@@ -7,6 +7,7 @@ class references are stored by name and imported only when the caller allows it.
 __version__ = "0.1.0"
 
 from .checkpoint import Checkpoint
+from .convert import convert
 from .errors import (
     CheckpointFormatError,
     ComponentNotFoundError,
@@ -17,6 +18,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
+from .legacy import ScanReport, scan
 from .limits import Limits
 from .loading import load, load_multi_files, load_single_file, open
 from .refs import GlobalRef, OpaqueObject
@@ -33,9 +35,11 @@ __all__ = [
     "Limits",
     "OpaqueObject",
     "SafeCkptError",
+    "ScanReport",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "__version__",
+    "convert",
     "load",
     "load_multi_files",
     "load_single_file",
@@ -43,4 +47,5 @@ __all__ = [
     "save_multi_files",
     "save_multi_from_single",
     "save_single_file",
+    "scan",
 ]

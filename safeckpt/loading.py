@@ -16,8 +16,10 @@ from .checkpoint import Checkpoint
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from .handler import logger
+from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS, Limits
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
+from .refs import AllowList, resolve_allowed
 
 __all__ = ["load", "load_multi_files", "load_single_file", "open"]
 
@@ -57,15 +59,24 @@ def open(
     return Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits)
 
 
-def _load_torch_file(path: str | os.PathLike[str], kind: Kind, device: Device, trust_pickle: bool) -> Any:
-    if not trust_pickle:
-        raise CheckpointFormatError(
-            f"{path} is a torch.save file ({kind.value}); safeckpt does not unpickle it. "
-            "If you trust its author, pass trust_pickle=True",
-            file=os.fspath(path),
-        )
-    logger.warning("trust_pickle=True: unpickling %s with torch.load(weights_only=False); it can run any code", path)
-    return torch.load(path, map_location=torch.device(device) if not isinstance(device, int) else device, weights_only=False)
+def _device(device: Device) -> torch.device:
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _load_torch_file(
+    path: str | os.PathLike[str], device: Device, allowed_globals: Iterable[Any], trust_pickle: bool, verify: bool, limits: Limits
+) -> Any:
+    if trust_pickle:
+        logger.warning("trust_pickle=True: unpickling %s with torch.load(weights_only=False); it can run any code", path)
+        return torch.load(path, map_location=_device(device), weights_only=False)
+    if verify:
+        raise IntegrityError(f"{path} is a torch.save file: it records no digests to verify", file=os.fspath(path))
+    value = read_torch_file(path, device=_device(device), limits=limits).value
+    allow = AllowList(allowed_globals)
+    try:
+        return resolve_allowed(value, allow, max_depth=limits.max_depth)
+    except ValueError as exc:
+        raise CheckpointFormatError(f"{path}: {exc}", file=os.fspath(path)) from exc
 
 
 def load_single_file(
@@ -80,12 +91,16 @@ def load_single_file(
     """Load a whole single-file checkpoint.
 
     Args:
-        path: a safeckpt file, a plain safetensors file, or a ``torch.save`` file.
+        path: a safeckpt file, a plain safetensors file, or a ``torch.save`` file
+            (zip or pre-1.6 format) or bare pickle, read without executing anything:
+            allowlisted constructors are rebuilt by safeckpt's own code, other classes
+            and functions come back as inert ``GlobalRef``/``OpaqueObject``.
         device: where tensors are placed (default CPU).
         allowed_globals: classes/functions (or ``"module:qualname"``) that may be
             imported to rebuild class references and objects; others stay inert.
         trust_pickle: for a ``torch.save`` file, unpickle it with
-            ``torch.load(weights_only=False)``, which can run any code in it.
+            ``torch.load(weights_only=False)`` instead, which can run any code in it
+            (logged as a warning).
         verify: check the recorded SHA-256 digests; raise ``IntegrityError`` on mismatch.
         limits: bounds on what the file may declare.
 
@@ -96,14 +111,16 @@ def load_single_file(
         FileNotFoundError: if there is no such file.
         CheckpointFormatError: if the file is corrupt or of no format safeckpt reads.
         IntegrityError: with ``verify=True``, on a digest mismatch.
+        UnsafeCheckpointError: for a legacy file that names a dangerous global, listing them all.
     """
     kind = detect(path)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON):
         with Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits) as ckpt:
             return ckpt.load()
-    if kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):
-        return _load_torch_file(path, kind, device, trust_pickle)
-    raise CheckpointFormatError(f"{path} is not a checkpoint safeckpt can read ({kind.value})", file=os.fspath(path))
+    if kind is Kind.MANIFEST:
+        raise CheckpointFormatError(f"{path} is a multi-file manifest; use load_multi_files() or load()", file=os.fspath(path))
+    # torch.save archives, pre-1.6 streams and bare pickles (of any protocol, so also unknown bytes)
+    return _load_torch_file(path, device, allowed_globals, trust_pickle, verify, limits)
 
 
 def load_multi_files(

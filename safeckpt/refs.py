@@ -204,3 +204,54 @@ class AllowList:
             if isinstance(owner, type) and issubclass(owner, enum.Enum) and member in owner.__members__:
                 return owner[member]
         return ref
+
+
+def resolve_allowed(value: Any, allow: AllowList, *, max_depth: int = 1000) -> Any:
+    """Replace the ``GlobalRef``/``OpaqueObject`` placeholders in ``value`` that ``allow`` names.
+
+    Mutable containers are updated in place (keeping shared references shared);
+    tuples, sets and frozensets are rebuilt.
+
+    Raises:
+        RecursionError: never; deeper nesting than ``max_depth`` raises ``ValueError``.
+    """
+    done: dict[int, Any] = {}
+
+    def walk(item: Any, depth: int) -> Any:
+        if depth > max_depth:
+            raise ValueError(f"value nested deeper than {max_depth}")
+        key = id(item)
+        if key in done:
+            return done[key]
+        kind = type(item)
+        if kind is GlobalRef:
+            out: Any = allow.resolve(item)
+        elif kind is OpaqueObject:
+            spec = OpaqueObject(
+                item.cls,
+                item.constructor,
+                tuple(walk(a, depth + 1) for a in item.args),
+                {k: walk(v, depth + 1) for k, v in item.kwargs.items()},
+                walk(item.state, depth + 1),
+                None if item.list_items is None else [walk(v, depth + 1) for v in item.list_items],
+                None if item.dict_items is None else [(walk(k, depth + 1), walk(v, depth + 1)) for k, v in item.dict_items],
+            )
+            factory = allow.resolve(item.cls)
+            out = spec if factory is item.cls else build_object(factory, spec)
+        elif isinstance(item, dict):
+            done[key] = item
+            for k in list(item):
+                item[k] = walk(item[k], depth + 1)
+            return item
+        elif kind is list:
+            done[key] = item
+            item[:] = [walk(v, depth + 1) for v in item]
+            return item
+        elif kind in (tuple, set, frozenset):
+            out = kind(walk(v, depth + 1) for v in item)
+        else:
+            return item
+        done[key] = out
+        return out
+
+    return walk(value, 0) if allow else value

@@ -170,9 +170,9 @@ def test_format_is_detected_from_bytes_not_extension(tmp_path: Path) -> None:
     path = safeckpt.save_single_file(None, {"a": torch.ones(2)}, tmp_path / "model.pth")
     assert torch.equal(safeckpt.load(path)["a"], torch.ones(2))
     legacy = tmp_path / "weights.safetensors"
-    torch.save({"a": torch.ones(2)}, legacy)
-    with pytest.raises(safeckpt.CheckpointFormatError, match="torch.save"):
-        safeckpt.load(legacy)
+    torch.save({"a": torch.arange(3)}, legacy)
+    assert torch.equal(safeckpt.load(legacy)["a"], torch.arange(3))  # read as a torch file, not as safetensors
+    assert safeckpt.scan(legacy).format == "torch-zip"
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:

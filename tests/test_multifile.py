@@ -488,17 +488,20 @@ def test_multi_torch_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert "sde_class_name" not in state["model_kwargs"]
 
     f = written["model_kwargs"]
-    with pytest.raises(safeckpt.CheckpointFormatError):
-        safeckpt.load_single_file(f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="safeckpt"):
+        assert safeckpt.load_single_file(f) == folded["model_kwargs"]  # read without unpickling
+    assert not any(r.name == "safeckpt" and r.levelno >= logging.WARNING for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="safeckpt"):
         value = safeckpt.load_single_file(f, trust_pickle=True)
     assert value == folded["model_kwargs"]
     assert any(r.name == "safeckpt" and r.levelno >= logging.WARNING for r in caplog.records)
 
-    loaded = safeckpt.load_multi_files(base, trust_pickle=True)
-    assert_equal(loaded["model_state_dict"], folded["model_state_dict"])
-    assert loaded["model_kwargs"] == folded["model_kwargs"]
+    for trust in (False, True):
+        loaded = safeckpt.load_multi_files(base, trust_pickle=trust)
+        assert_equal(loaded["model_state_dict"], folded["model_state_dict"])
+        assert loaded["model_kwargs"] == folded["model_kwargs"]
 
 
 def test_single_torch_format_is_a_direct_torch_save(tmp_path: Path) -> None:

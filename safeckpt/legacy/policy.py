@@ -1,0 +1,127 @@
+"""Which globals a legacy pickle may name: the allowlist, the blocklist, and everything else.
+
+Three answers, decided from the name alone and never by importing it:
+
+- **allowed**: a pure constructor that safeckpt re-implements itself (tensor
+  rebuild helpers, OrderedDict, numpy array reconstruction, dtypes, ...). Each
+  entry below says why it is safe. The reader calls *its own* implementation,
+  never the object the name would import.
+- **dangerous**: a module or callable that can run code, touch the file system,
+  the network or the interpreter. A file that names one *in any way* (called,
+  instantiated, or merely referenced) is refused. Nothing overrides this list.
+- **unknown**: everything else (your model classes, optimizers, enums...). It
+  becomes an inert ``GlobalRef``/``OpaqueObject`` and is never imported.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "classify"]
+
+_STORAGE_TYPES = (
+    "Double Float Half BFloat16 Long Int Short Char Byte Bool ComplexDouble ComplexFloat "
+    "QUInt8 QInt8 QInt32 QUInt4x2 QUInt2x4"
+).split()
+
+#: "module:qualname" -> why rebuilding it (with safeckpt's own code) cannot run anything else.
+ALLOWED: dict[str, str] = {
+    "collections:OrderedDict": "builds an ordered dict from pairs; state_dict() containers",
+    "builtins:set": "builds a set from hashable items",
+    "builtins:frozenset": "builds a frozenset from hashable items",
+    "builtins:complex": "builds a complex number from two numbers",
+    "builtins:bytearray": "builds a bytearray from bytes or a latin-1 str",
+    "builtins:slice": "builds a slice from ints or None",
+    "builtins:object": "only as the base type argument of copyreg._reconstructor",
+    "builtins:str": "only as the base type argument of copyreg._reconstructor",
+    "builtins:int": "only as the base type argument of copyreg._reconstructor",
+    "builtins:float": "only as the base type argument of copyreg._reconstructor",
+    "builtins:list": "only as the base type argument of copyreg._reconstructor",
+    "builtins:dict": "only as the base type argument of copyreg._reconstructor",
+    "builtins:tuple": "only as the base type argument of copyreg._reconstructor",
+    "__builtin__:set": "Python 2 name of builtins.set",
+    "__builtin__:frozenset": "Python 2 name of builtins.frozenset",
+    "__builtin__:complex": "Python 2 name of builtins.complex",
+    "__builtin__:object": "Python 2 name of builtins.object",
+    "_codecs:encode": "how protocol 2 writes bytes: encode(str, 'latin1'); only text codecs are accepted",
+    "copyreg:_reconstructor": "protocol 0/1 instance creation; turned into an inert OpaqueObject",
+    "copy_reg:_reconstructor": "Python 2 name of copyreg._reconstructor",
+    "torch._utils:_rebuild_tensor": "pre-1.6 tensor: a view (offset, size, stride) of a storage, bounds-checked",
+    "torch._utils:_rebuild_tensor_v2": "tensor as a bounds-checked view of a storage, plus requires_grad",
+    "torch._utils:_rebuild_tensor_v3": "tensor view of an untyped storage with an explicit dtype",
+    "torch._utils:_rebuild_parameter": "wraps a rebuilt tensor in nn.Parameter with requires_grad",
+    "torch._utils:_rebuild_parameter_with_state": "as _rebuild_parameter; extra state is kept only if plain data",
+    "torch._utils:_rebuild_from_type_v2": "a tensor of type Tensor or Parameter rebuilt by an allowed helper",
+    "torch._tensor:_rebuild_from_type_v2": "same helper, where torch 2.x defines it",
+    "torch.nn.parameter:Parameter": "the Parameter type, as an argument of _rebuild_from_type_v2",
+    "torch._tensor:Tensor": "the Tensor type, as an argument of _rebuild_from_type_v2",
+    "torch:Tensor": "the Tensor type, as an argument of _rebuild_from_type_v2",
+    "torch:Size": "a tuple of ints",
+    "torch:device": "a device from its string",
+    "torch.torch_version:TorchVersion": "a str subclass holding torch.__version__",
+    "torch.storage:UntypedStorage": "storage type tag inside a persistent id; bytes come from the archive",
+    "torch:UntypedStorage": "storage type tag inside a persistent id",
+    "numpy.core.multiarray:_reconstruct": "an empty ndarray whose BUILD state (shape, dtype, raw bytes) is checked",
+    "numpy._core.multiarray:_reconstruct": "numpy 2 name of the same",
+    "numpy.core.multiarray:scalar": "a numpy scalar from a dtype and its raw bytes",
+    "numpy._core.multiarray:scalar": "numpy 2 name of the same",
+    "numpy:ndarray": "the ndarray type, as an argument of _reconstruct",
+    "numpy:dtype": "a plain (non-object, non-structured) dtype from its code",
+}
+for _kind in _STORAGE_TYPES:
+    ALLOWED[f"torch:{_kind}Storage"] = "typed storage tag inside a persistent id; fixes the dtype"
+    ALLOWED[f"torch.cuda:{_kind}Storage"] = "CUDA typed storage tag; the bytes load onto the requested device"
+for _dtype in (
+    "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 uint16 uint32 uint64 bool complex32 complex64 "
+    "complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu double float half long "
+    "int short cfloat cdouble"
+).split():
+    ALLOWED[f"torch:{_dtype}"] = "a torch.dtype constant"
+
+#: modules whose every name is refused, with their submodules.
+DANGEROUS_MODULES: frozenset[str] = frozenset(
+    """
+    os posix nt sys subprocess _posixsubprocess importlib imp pkgutil runpy zipimport site
+    pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve
+    code codeop pty pdb bdb timeit profile cProfile trace doctest inspect gc ctypes _ctypes cffi
+    socket _socket ssl select selectors asyncio multiprocessing concurrent threading _thread signal
+    shutil tempfile io _io fileinput webbrowser platform sysconfig resource fcntl mmap pwd grp termios
+    urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib nntplib xmlrpc socketserver
+    requests httpx aiohttp paramiko yaml jsonpickle
+    ast dis compileall py_compile tokenize linecache
+    setuptools distutils pip ensurepip venv idlelib tkinter turtle logging.config
+    torch.jit torch._C torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor
+    torch.ops torch._ops torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing
+    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio
+    """.split()
+)
+
+#: single names refused in modules that are otherwise merely unknown.
+DANGEROUS_GLOBALS: frozenset[str] = frozenset(
+    """
+    torch:load torch:save torch:from_file torch.storage:_load_from_bytes torch:_load_global_deps
+    numpy:load numpy:loads numpy:save numpy:fromfile numpy:memmap numpy.core.multiarray:_reconstruct_from_file
+    operator:attrgetter operator:methodcaller functools:reduce functools:partialmethod
+    copyreg:add_extension copyreg:remove_extension copyreg:_reduce_ex copyreg:__reduce_ex__
+    types:FunctionType types:LambdaType types:CodeType types:MethodType types:ModuleType types:new_class
+    """.split()
+)
+
+#: builtins that are allowed (above); every other builtin is refused: eval, exec, compile,
+#: getattr, setattr, delattr, __import__, open, globals, vars, input, breakpoint, type, ...
+_BUILTIN_MODULES = ("builtins", "__builtin__")
+
+
+def _in_module(module: str, names: frozenset[str]) -> bool:
+    parts = module.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
+
+
+def classify(module: str, qualname: str) -> str:
+    """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only."""
+    name = f"{module}:{qualname}"
+    if _in_module(module, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS:
+        return "dangerous"
+    if name in ALLOWED:
+        return "allowed"
+    if module in _BUILTIN_MODULES:
+        return "dangerous"
+    return "unknown"

@@ -1,0 +1,375 @@
+"""The containers ``torch.save`` writes, read without executing anything.
+
+- the zip archive of torch >= 1.6: ``<name>/data.pkl`` plus one member per storage
+  (``<name>/data/<key>``), stored uncompressed; storages are memory-mapped
+  copy-on-write straight from the file;
+- the pre-1.6 stream: a magic-number pickle, a protocol pickle, a sys-info
+  pickle, the main pickle, a pickle listing storage keys, then each storage as
+  an int64 element count followed by its bytes;
+- a bare pickle (no storages).
+
+Every pickle in them, including the magic number and sys info, goes through
+:class:`~safeckpt.legacy.vm.SymbolicUnpickler`. TorchScript archives hold code
+and are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickletools
+import struct
+import zipfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from ..detect import Kind, detect
+from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
+from ..limits import Limits
+from ..refs import GlobalRef
+from .rebuild import Rebuilder, StorageRef, StorageType
+from .vm import Report, SymbolicUnpickler
+
+__all__ = ["LegacyFile", "read_torch_file"]
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+_NESTED_DEPTH = 3
+
+
+@dataclass
+class LegacyFile:
+    """What a legacy file held: its value, the format it was in, and the report of its globals."""
+
+    value: Any
+    format: str
+    report: Report
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only window on a file that never reads (or allocates) past ``end``."""
+
+    def __init__(self, f: BinaryIO, end: int) -> None:
+        self._f = f
+        self._end = end
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._end - self._f.tell())
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        left = max(0, self._end - self._f.tell())
+        return self._f.readline(min(left, 1 << 20))
+
+
+def _finish(report: Report, path: str) -> None:
+    """Refuse the file when it named anything dangerous."""
+    if report.dangerous:
+        names = report.dangerous_globals
+        tricks = sorted({f.kind for f in report.findings if f.severity == "dangerous"} - {"dangerous-global"})
+        detail = ", ".join(names) if names else "no dangerous name but " + ", ".join(tricks)
+        raise UnsafeCheckpointError(
+            f"{path} references code that could run when unpickled ({detail}); refused. "
+            "Nothing in it was executed. If you trust its author, load it with trust_pickle=True",
+            globals=names,
+            file=path,
+        )
+
+
+class _Reader:
+    def __init__(self, path: str, limits: Limits, device: torch.device, report: Report) -> None:
+        self.path = path
+        self.limits = limits
+        self.device = device
+        self.report = report
+        self.rebuild = Rebuilder(limits)
+
+    def unpickler(self, source: Any, persistent_load: Any = None) -> SymbolicUnpickler:
+        return SymbolicUnpickler(
+            source,
+            self.report,
+            self.limits,
+            self.rebuild.calls,
+            persistent_load,
+            values=self.rebuild.values,
+            build=self.rebuild.build,
+        )
+
+    @staticmethod
+    def module_class(pid: Any) -> GlobalRef | None:
+        """Pre-1.6 files store an ``nn.Module`` subclass as ``('module', cls, file, source)``:
+        the class reference is kept (inert), its recorded source is ignored."""
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], GlobalRef):
+            return pid[1]
+        return None
+
+    def storage_pid(self, pid: Any) -> tuple[StorageType, str, str, int, Any]:
+        if type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] != "storage":
+            raise CheckpointFormatError(f"{self.path}: persistent id {pid!r:.100} is not a torch storage")
+        _, kind, key, location, numel = pid[:5]
+        if not isinstance(kind, StorageType) or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
+            raise CheckpointFormatError(f"{self.path}: malformed storage reference {pid!r:.100}")
+        return kind, key, location, numel, pid[5] if len(pid) == 6 else None
+
+    def place(self, data: torch.Tensor) -> torch.Tensor:
+        return data if self.device.type == "cpu" else data.to(self.device)
+
+    def meta_or(self, nbytes: int, load: Any) -> Any:
+        if self.device.type == "meta":  # scanning: no bytes are read
+            return lambda: torch.empty(nbytes, dtype=torch.uint8, device="meta")
+        return lambda: self.place(load())
+
+
+def _element_size(kind: StorageType) -> int:
+    return 1 if kind.dtype is None else kind.dtype.itemsize
+
+
+# --------------------------------------------------------------------------- zip archives
+
+
+def _member_offset(f: BinaryIO, info: zipfile.ZipInfo, size: int) -> int:
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointFormatError(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > size:
+        raise CheckpointFormatError(f"{info.filename} runs past the end of the file")
+    return start
+
+
+def _read_zip(reader: _Reader) -> Any:
+    path, limits = reader.path, reader.limits
+    size = os.path.getsize(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointFormatError(f"{path}: not a readable zip archive: {exc}", file=path) from exc
+    with archive, open(path, "rb") as raw:
+        infos = archive.infolist()
+        limits.check("max_tensors", len(infos), what="the number of archive members", file=path)
+        names = {info.filename: info for info in infos}
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            reader.report.find("torchscript", "dangerous", "a TorchScript archive: it contains code that torch.jit.load runs")
+            raise UnsafeCheckpointError(
+                f"{path} is a TorchScript archive: it holds code, which safeckpt never runs; refused",
+                globals=(),
+                file=path,
+            )
+        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
+        if len(pickles) != 1:
+            raise CheckpointFormatError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}", file=path)
+        prefix = pickles[0][: -len("data.pkl")]
+        order = archive.read(prefix + "byteorder").decode("ascii", "replace") if prefix + "byteorder" in names else "little"
+        if order not in ("little", "big"):
+            raise CheckpointFormatError(f"{path}: unknown byteorder {order!r:.20}", file=path)
+        info = names[pickles[0]]
+        limits.check("max_skeleton_bytes", info.file_size, what="the size of data.pkl", file=path)
+        data = archive.read(info)
+        storages: dict[str, StorageRef] = {}
+
+        def member_bytes(member: zipfile.ZipInfo, itemsize: int) -> torch.Tensor:
+            if member.file_size == 0:
+                return torch.empty(0, dtype=torch.uint8)
+            if member.compress_type == zipfile.ZIP_STORED:
+                offset = _member_offset(raw, member, size)
+                array: np.ndarray = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(member.file_size,))
+            else:
+                array = np.frombuffer(bytearray(archive.read(member)), dtype=np.uint8)
+            tensor = torch.from_numpy(array)
+            if order == "big" and itemsize > 1:
+                tensor = torch.from_numpy(array.reshape(-1, itemsize)[:, ::-1].copy().reshape(-1))
+            return tensor
+
+        def persistent_load(pid: Any) -> StorageRef:
+            kind, key, location, numel, _ = reader.storage_pid(pid)
+            if key in storages:
+                return storages[key]
+            member = names.get(f"{prefix}data/{key}")
+            if member is None:
+                raise CheckpointFormatError(f"{path}: storage {key!r:.50} is missing from the archive", file=path)
+            nbytes = numel * _element_size(kind)
+            if member.file_size != nbytes:
+                raise CheckpointFormatError(
+                    f"{path}: storage {key!r:.50} holds {member.file_size} bytes, its reference says {nbytes}", file=path
+                )
+            load = reader.meta_or(nbytes, lambda: member_bytes(member, _element_size(kind)))
+            storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+            return storages[key]
+
+        return reader.unpickler(io.BytesIO(data), persistent_load).load()
+
+
+# --------------------------------------------------------------------------- pre-1.6 stream and bare pickles
+
+
+def _read_stream(reader: _Reader) -> tuple[Any, str]:
+    path = reader.path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        window = _Bounded(f, size)
+        first = reader.unpickler(window).load()
+        if type(first) is not int or first != MAGIC_NUMBER:  # not a torch file: a bare pickle
+            f.seek(0)
+            return reader.unpickler(window).load(), "pickle"
+        if reader.unpickler(window).load() != PROTOCOL_VERSION:
+            raise CheckpointFormatError(f"{path}: unsupported legacy torch protocol version", file=path)
+        sys_info = reader.unpickler(window).load()
+        if type(sys_info) is not dict:
+            raise CheckpointFormatError(f"{path}: malformed legacy sys info", file=path)
+        if sys_info.get("little_endian") is False:
+            raise CheckpointFormatError(f"{path}: big-endian legacy files are not supported", file=path)
+        main_start = f.tell()
+        for _ in pickletools.genops(window):  # skip the main pickle: storages come after it
+            pass
+        keys = reader.unpickler(window).load()
+        if type(keys) is not list or not all(type(k) is str for k in keys):
+            raise CheckpointFormatError(f"{path}: malformed legacy storage key list", file=path)
+        reader.limits.check("max_tensors", len(keys), what="the number of storages", file=path)
+        data_start = f.tell()
+        table = _legacy_layout(f, keys, data_start, size, reader, main_start, window)
+        storages: dict[str, StorageRef] = {}
+
+        def persistent_load(pid: Any) -> Any:
+            module_class = reader.module_class(pid)
+            if module_class is not None:
+                return module_class
+            kind, key, location, numel, view = reader.storage_pid(pid)
+            root = storages.get(key)
+            if root is None:
+                if key not in table:
+                    raise CheckpointFormatError(f"{path}: storage {key!r:.50} has no data", file=path)
+                offset, count, itemsize = table[key]
+                if count != numel or itemsize != _element_size(kind):
+                    raise CheckpointFormatError(f"{path}: storage {key!r:.50} size disagrees with its data", file=path)
+                nbytes = count * itemsize
+                load = reader.meta_or(
+                    nbytes,
+                    lambda: torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,)))
+                    if nbytes
+                    else torch.empty(0, dtype=torch.uint8),
+                )
+                root = storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+            if view is None:
+                return root
+            if type(view) is not tuple or len(view) != 3 or type(view[1]) is not int or type(view[2]) is not int:
+                raise CheckpointFormatError(f"{path}: malformed storage view of {key!r:.50}", file=path)
+            view_key, start, length = view
+            if view_key in storages:
+                return storages[view_key]
+            itemsize = _element_size(kind)
+            if start < 0 or length < 0 or (start + length) * itemsize > root.nbytes:
+                raise CheckpointFormatError(f"{path}: storage view outside {key!r:.50}", file=path)
+            part = StorageRef(
+                str(view_key), kind.dtype, length * itemsize,
+                lambda: root.bytes()[start * itemsize : (start + length) * itemsize],
+            )
+            storages[str(view_key)] = part
+            return part
+
+        f.seek(main_start)
+        value = reader.unpickler(window, persistent_load).load()
+        return value, "torch-legacy"
+
+
+def _legacy_layout(
+    f: BinaryIO, keys: list[str], data_start: int, size: int, reader: _Reader, main_start: int, window: _Bounded
+) -> dict[str, tuple[int, int, int]]:
+    """Where each storage's bytes are: needs each storage's element size, read from a first,
+    data-free pass over the main pickle (storages on the meta device)."""
+    itemsizes: dict[str, int] = {}
+
+    def record(pid: Any) -> Any:
+        module_class = reader.module_class(pid)
+        if module_class is not None:
+            return module_class
+        kind, key, _, numel, _ = reader.storage_pid(pid)
+        itemsizes.setdefault(key, _element_size(kind))
+        nbytes = numel * _element_size(kind)
+        return StorageRef(key, kind.dtype, nbytes, lambda: torch.empty(nbytes, dtype=torch.uint8, device="meta"))
+
+    f.seek(main_start)
+    survey = Report()
+    SymbolicUnpickler(
+        window, survey, reader.limits, reader.rebuild.calls, record, values=reader.rebuild.values, build=reader.rebuild.build
+    ).load()
+    table = {}
+    f.seek(data_start)
+    for key in keys:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointFormatError(f"{reader.path}: truncated before storage {key!r:.50}", file=reader.path)
+        (numel,) = struct.unpack("<q", head)
+        itemsize = itemsizes.get(key)
+        if itemsize is None or numel < 0:
+            raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} is not referenced or malformed", file=reader.path)
+        offset = f.tell()
+        if offset + numel * itemsize > size:
+            raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} runs past the end of the file", file=reader.path)
+        table[key] = (offset, numel, itemsize)
+        f.seek(offset + numel * itemsize)
+    return table
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _starts_like_pickle(path: str) -> bool:
+    """Protocol 0/1 pickles have no header: accept a file whose first byte is a pickle opcode
+    that can start one (a push), and whose last non-blank byte is STOP."""
+    with open(path, "rb") as f:
+        first = f.read(1)
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 16))
+        tail = f.read().rstrip(b"\n\r ")
+    return bool(first) and first in b"(}]lcNIJKLMFGSUTVX\x80" and tail.endswith(b".")
+
+
+def read_torch_file(
+    path: str | os.PathLike[str], *, device: torch.device, limits: Limits, report: Report | None = None
+) -> LegacyFile:
+    """Read a ``torch.save`` file or bare pickle without executing anything.
+
+    ``device="meta"`` reads no tensor bytes (scanning). ``report`` collects globals
+    and findings (a fresh one by default).
+
+    Raises:
+        UnsafeCheckpointError: listing every dangerous global the file names.
+        CheckpointFormatError: if the file is malformed.
+    """
+    name = os.fspath(path)
+    report = Report() if report is None else report
+    reader = _Reader(name, limits, device, report)
+    kind = detect(name)
+    if kind is Kind.UNKNOWN and not _starts_like_pickle(name):
+        raise CheckpointFormatError(
+            f"{name} is not a checkpoint safeckpt can read (neither safetensors, a torch.save file nor a pickle)",
+            file=name,
+        )
+    try:
+        if kind is Kind.TORCH_ZIP:
+            value, fmt = _read_zip(reader), "torch-zip"
+        else:
+            value, fmt = _read_stream(reader)
+    except SafeCkptError as exc:
+        _finish(report, name)  # a dangerous name found before the error wins
+        exc.file = exc.file or name
+        raise
+    except (OSError, ValueError, EOFError, struct.error, zipfile.BadZipFile, RuntimeError, MemoryError) as exc:
+        _finish(report, name)
+        raise CheckpointFormatError(f"{name}: {type(exc).__name__}: {exc}", file=name) from exc
+    _finish(report, name)
+    return LegacyFile(value, fmt, report)
