@@ -30,6 +30,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from .errors import CheckpointFormatError, LimitExceededError, SafeCkptError, UnsupportedValueError
+from .legacy import policy
 from .limits import Limits
 from .refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
 from .tensors import DTYPES_BY_NAME, TensorPlan, dtype_name, view_tensor
@@ -334,6 +335,13 @@ class Encoder:
         elif factory is copyreg.__newobj_ex__:
             (factory, args, kwargs), constructor = args, "new"
         ref = ref_of(factory, path=where)
+        if policy.classify(ref.module, ref.qualname) == "dangerous":
+            raise UnsupportedValueError(
+                f"{where} ({type(value).__qualname__}) would be rebuilt by calling {ref.name}, which safeckpt "
+                "never stores (a bound method or similar); store the object or a plain value instead",
+                path_in_state=where,
+                value_type=type(value).__qualname__,
+            )
         self._enter(value, path)
         try:
             items = list(list_items) if list_items is not None else None

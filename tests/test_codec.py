@@ -703,3 +703,12 @@ def test_state_attributes_on_a_plain_dict_root_are_a_format_error(tmp_path: Path
     path = _write_crafted_file(tmp_path / "bad.safeckpt", [[_packb("a"), "a", _packb(1)]], attrs=_packb({"extra": 1}))
     with pytest.raises(CheckpointFormatError):
         safeckpt.load(path)
+
+
+def test_bound_method_is_refused_not_stored_as_a_getattr_call(tmp_path: Path) -> None:
+    path = tmp_path / "m.safeckpt"
+    with pytest.raises(UnsupportedValueError) as info:
+        safeckpt.save_single_file(None, {"f": nn.ReLU().forward}, path)
+    assert info.value.path_in_state == "state['f']"
+    assert "builtins:getattr" in str(info.value)
+    assert not path.exists()

@@ -20,6 +20,7 @@ extension-registry opcodes, globals built from computed strings).
 
 from __future__ import annotations
 
+import io
 import pickletools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from . import policy
 
 __all__ = ["Finding", "Report", "SymbolicUnpickler"]
 
-_MARK = object()
+MAX_NESTED_DEPTH = 3  # pickles inside strings inside pickles, scanned this deep
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class SymbolicUnpickler:
         persistent_load: Callable[[Any], Any] | None = None,
         values: dict[str, Any] | None = None,
         build: Callable[[Any, Any], Any] | None = None,
+        nested_depth: int = 0,
     ) -> None:
         self._source = source
         self._report = report
@@ -119,6 +121,7 @@ class SymbolicUnpickler:
         self._values = values or {}
         self._persistent_load = persistent_load
         self._build_hook = build
+        self._nested_depth = nested_depth
         self._stack: list[Any] = []
         self._marks: list[list[Any]] = []
         self._memo: dict[int, Any] = {}
@@ -224,8 +227,36 @@ class SymbolicUnpickler:
 
     op_INT = op_BININT = op_BININT1 = op_BININT2 = op_LONG = op_LONG1 = op_LONG4 = _scalar
     op_FLOAT = op_BINFLOAT = _scalar
-    op_UNICODE = op_BINUNICODE = op_SHORT_BINUNICODE = op_BINUNICODE8 = _scalar
-    op_BINBYTES = op_SHORT_BINBYTES = op_BINBYTES8 = _scalar
+
+    def _data(self, arg: Any) -> None:
+        if len(arg) >= 4 and arg[-1:] in (b".", ".") and self._nested_depth < MAX_NESTED_DEPTH:
+            head = arg[:2].encode("latin-1", "replace") if isinstance(arg, str) else arg[:2]
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                self._scan_nested(arg.encode("latin-1", "replace") if isinstance(arg, str) else arg)
+        self._push(arg)
+
+    op_UNICODE = op_BINUNICODE = op_SHORT_BINUNICODE = op_BINUNICODE8 = _data
+    op_BINBYTES = op_SHORT_BINBYTES = op_BINBYTES8 = _data
+
+    def _scan_nested(self, data: bytes) -> None:
+        """A string that is itself a pickle is data to us, but whoever unpickles it later runs
+        it: interpret it too and report what it names."""
+        nested = Report()
+        try:
+            SymbolicUnpickler(
+                io.BytesIO(data), nested, self._limits, self._calls, None, self._values, self._build_hook,
+                nested_depth=self._nested_depth + 1,
+            ).load()
+        except CheckpointFormatError:
+            if not nested.uses:
+                return  # data that merely starts like a pickle
+        for name, how in nested.uses.items():
+            for use in how:
+                self._report.uses.setdefault(name, set()).add(use)
+        dangerous = nested.dangerous_globals
+        severity = "dangerous" if nested.dangerous else "suspicious"
+        detail = f": it names {', '.join(dangerous)}" if dangerous else ""
+        self._report.find("nested-pickle", severity, f"a string holds a pickle{detail}", self._pos)
 
     def op_NONE(self, arg: None) -> None:
         self._push(None)
