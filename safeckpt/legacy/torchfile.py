@@ -16,6 +16,7 @@ and are refused.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickletools
 import struct
@@ -95,6 +96,7 @@ class _Reader:
         self.device = device
         self.report = report
         self.rebuild = Rebuilder(limits)
+        self._mapping: np.ndarray | None = None
 
     def unpickler(self, source: Any, persistent_load: Any = None) -> SymbolicUnpickler:
         return SymbolicUnpickler(
@@ -122,6 +124,18 @@ class _Reader:
         if not isinstance(kind, StorageType) or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
             raise CheckpointFormatError(f"{self.path}: malformed storage reference {pid!r:.100}")
         return kind, key, location, numel, pid[5] if len(pid) == 6 else None
+
+    def file_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of the file at ``offset`` as a uint8 tensor over one private copy-on-write
+        mapping of the whole file (writes to tensors never reach the file)."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if self._mapping is None:
+            with open(self.path, "rb") as f:
+                self._mapping = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+        if offset < 0 or offset + nbytes > self._mapping.size:
+            raise CheckpointFormatError(f"{self.path}: storage bytes [{offset}, {offset + nbytes}) outside the file")
+        return torch.from_numpy(self._mapping[offset : offset + nbytes])
 
     def place(self, data: torch.Tensor) -> torch.Tensor:
         return data if self.device.type == "cpu" else data.to(self.device)
@@ -185,13 +199,12 @@ def _read_zip(reader: _Reader) -> Any:
             if member.file_size == 0:
                 return torch.empty(0, dtype=torch.uint8)
             if member.compress_type == zipfile.ZIP_STORED:
-                offset = _member_offset(raw, member, size)
-                array: np.ndarray = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(member.file_size,))
+                tensor = reader.file_bytes(_member_offset(raw, member, size), member.file_size)
             else:
-                array = np.frombuffer(bytearray(archive.read(member)), dtype=np.uint8)
-            tensor = torch.from_numpy(array)
+                tensor = torch.frombuffer(bytearray(archive.read(member)), dtype=torch.uint8)
             if order == "big" and itemsize > 1:
-                tensor = torch.from_numpy(array.reshape(-1, itemsize)[:, ::-1].copy().reshape(-1))
+                swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
+                tensor = torch.from_numpy(swapped)
             return tensor
 
         def persistent_load(pid: Any) -> StorageRef:
@@ -256,12 +269,7 @@ def _read_stream(reader: _Reader) -> tuple[Any, str]:
                 if count != numel or itemsize != _element_size(kind):
                     raise CheckpointFormatError(f"{path}: storage {key!r:.50} size disagrees with its data", file=path)
                 nbytes = count * itemsize
-                load = reader.meta_or(
-                    nbytes,
-                    lambda: torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,)))
-                    if nbytes
-                    else torch.empty(0, dtype=torch.uint8),
-                )
+                load = reader.meta_or(nbytes, lambda: reader.file_bytes(offset, nbytes))
                 root = storages[key] = StorageRef(key, kind.dtype, nbytes, load)
             if view is None:
                 return root
