@@ -30,12 +30,12 @@ import torch
 from torch.torch_version import TorchVersion
 
 from .errors import CheckpointFormatError, LimitExceededError, SafeCkptError, UnsupportedValueError
-from .legacy import policy
+from . import policy
 from .limits import Limits
 from .refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
 from .tensors import DTYPES_BY_NAME, TensorPlan, dtype_name, view_tensor
 
-__all__ = ["Decoder", "Encoder", "Ext", "Tag", "pack", "render_path"]
+__all__ = ["Decoder", "Encoder", "Ext", "Tag", "array_from_bytes", "pack", "render_path"]
 
 
 class Ext(IntEnum):
@@ -642,15 +642,7 @@ class Decoder:
         if len(body) != 3 or type(body[0]) is not str or type(body[1]) is not list or type(body[2]) is not bytes:
             raise _fail("malformed inline numpy array")
         code, shape, raw = body
-        dtype = _numpy_dtype(code)
-        if len(shape) > self._limits.max_dims or not all(type(v) is int and v >= 0 for v in shape):
-            raise _fail("malformed numpy shape")
-        count = 1
-        for size in shape:
-            count *= size
-        if count * dtype.itemsize != len(raw):
-            raise _fail("numpy array bytes do not match its shape")
-        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape).copy()
+        return array_from_bytes(raw, _numpy_dtype(code), shape, max_dims=self._limits.max_dims)
 
     def _object(self, body: list[Any]) -> Any:
         if len(body) != 7:
@@ -683,6 +675,23 @@ class Decoder:
             return build_object(factory, spec)
         except Exception as exc:
             raise CheckpointFormatError(f"could not rebuild allowed {spec.cls.name}: {exc}") from exc
+
+
+def array_from_bytes(raw: bytes, dtype: np.dtype[Any], shape: Any, *, max_dims: int, fortran: bool = False) -> np.ndarray:
+    """A writable numpy array of ``dtype`` and ``shape`` from its raw bytes, sizes checked first.
+
+    Raises:
+        CheckpointFormatError: if the shape is malformed or does not match the bytes.
+    """
+    if type(shape) not in (list, tuple) or len(shape) > max_dims or not all(type(v) is int and v >= 0 for v in shape):
+        raise _fail("malformed numpy shape")
+    count = 1
+    for size in shape:
+        count *= size
+    if count * dtype.itemsize != len(raw):
+        raise _fail("numpy array bytes do not match its shape")
+    flat = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
 
 
 def _numpy_dtype(code: Any) -> np.dtype[Any]:

@@ -69,6 +69,15 @@ def component_path(path: str | os.PathLike[str], key: str, *, has_tensors: bool)
     return Path(f"{split_base(path)}_{key}{SAFETENSORS_SUFFIX if has_tensors else SKELETON_SUFFIX}")
 
 
+def _is_plain_name(name: Any) -> bool:
+    """A non-empty str naming an entry of a directory: no separator, NUL, ``.`` or ``..``."""
+    return (
+        type(name) is str
+        and name not in ("", ".", "..")
+        and not any(sep in name for sep in ("/", "\\", "\0", os.altsep or "/"))
+    )
+
+
 def check_keys(keys: Iterable[Any]) -> list[str]:
     """Validate ``keys_to_save``: each must be a safe file-name fragment.
 
@@ -80,16 +89,7 @@ def check_keys(keys: Iterable[Any]) -> list[str]:
         raise ValueError(f"keys_to_save must be a list of keys, not the single string {keys!r}")
     checked = []
     for key in keys:
-        if (
-            type(key) is not str
-            or not key
-            or key in (".", "..")
-            or ".." in key
-            or "\0" in key
-            or "/" in key
-            or "\\" in key
-            or (os.altsep and os.altsep in key)
-        ):
+        if not _is_plain_name(key) or ".." in key:
             raise ValueError(
                 f"keys_to_save entry {key!r} is not a safe file-name fragment "
                 "(it must be a non-empty str without path separators, '..' or NUL)"
@@ -169,16 +169,7 @@ def _bad(path: Path, message: str) -> CheckpointFormatError:
 
 
 def _safe_file_name(path: Path, name: Any) -> str:
-    if (
-        type(name) is not str
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\0" in name
-        or os.path.isabs(name)
-        or Path(name).name != name
-    ):
+    if not _is_plain_name(name) or os.path.isabs(name) or Path(name).name != name:
         raise _bad(path, f"manifest names {name!r:.200}, which is not a file in the manifest's directory; refused")
     return name
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from ..codec import array_from_bytes
 from ..errors import CheckpointFormatError
 from ..limits import Limits
+from ..policy import ALLOWED
 from ..refs import GlobalRef, OpaqueObject
 from ..tensors import dtype_name, view_tensor
 from .vm import make_pending
@@ -91,7 +93,7 @@ class Rebuilder:
             self.values[f"torch:{name}Storage"] = StorageType(_STORAGE_DTYPES[name])
             self.values[f"torch.cuda:{name}Storage"] = StorageType(_STORAGE_DTYPES[name])
         self.values["torch.storage:UntypedStorage"] = self.values["torch:UntypedStorage"] = StorageType(None)
-        from .policy import ALLOWED
+
 
         for name in ALLOWED:
             module, _, attr = name.partition(":")
@@ -279,20 +281,11 @@ class Rebuilder:
         shape, dtype, fortran, raw = state[-4:]
         if not isinstance(dtype, np.dtype) or dtype.kind not in "biufcSUMm" or type(fortran) is not bool:
             raise CheckpointFormatError("numpy array of an unsupported dtype (object arrays are not read)")
-        dims = _ints(shape, "numpy shape")
-        if len(dims) > self._limits.max_dims or any(d < 0 for d in dims):
-            raise CheckpointFormatError("numpy array shape out of range")
         if type(raw) is str:
             raw = raw.encode("latin-1")
         if type(raw) is not bytes:
             raise CheckpointFormatError("numpy array data is not bytes")
-        count = 1
-        for d in dims:
-            count *= d
-        if count * dtype.itemsize != len(raw):
-            raise CheckpointFormatError("numpy array data does not match its shape")
-        flat = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
-        return flat.reshape(dims, order="F" if fortran else "C").copy(order="K")
+        return array_from_bytes(raw, dtype, _ints(shape, "numpy shape"), max_dims=self._limits.max_dims, fortran=fortran)
 
     @staticmethod
     def numpy_scalar(dtype: Any, raw: Any) -> Any:

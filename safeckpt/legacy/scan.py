@@ -10,7 +10,7 @@ import torch
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..limits import DEFAULT_LIMITS, Limits
-from . import policy
+from .. import policy
 from .torchfile import read_torch_file
 from .vm import Finding, Report
 

@@ -260,7 +260,7 @@ def _read_stream(reader: _Reader) -> tuple[Any, str]:
             module_class = reader.module_class(pid)
             if module_class is not None:
                 return module_class
-            kind, key, location, numel, view = reader.storage_pid(pid)
+            kind, key, _, numel, view = reader.storage_pid(pid)
             root = storages.get(key)
             if root is None:
                 if key not in table:

@@ -32,7 +32,7 @@ import torch
 from ..errors import CheckpointFormatError, LimitExceededError
 from ..limits import Limits
 from ..refs import GlobalRef, OpaqueObject
-from . import policy
+from .. import policy
 
 __all__ = ["Finding", "Report", "SymbolicUnpickler"]
 

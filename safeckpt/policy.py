@@ -15,7 +15,7 @@ Three answers, decided from the name alone and never by importing it:
 
 from __future__ import annotations
 
-__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "classify"]
+__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "DANGEROUS_PREFIXES", "classify"]
 
 _STORAGE_TYPES = (
     "Double Float Half BFloat16 Long Int Short Char Byte Bool ComplexDouble ComplexFloat "
@@ -88,7 +88,7 @@ DANGEROUS_MODULES: frozenset[str] = frozenset(
     requests httpx aiohttp paramiko yaml jsonpickle
     ast dis compileall py_compile tokenize linecache
     setuptools distutils pip ensurepip venv idlelib tkinter turtle logging.config
-    torch.jit torch._C torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor
+    torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor
     torch.ops torch._ops torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing
     numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio
     """.split()
@@ -105,6 +105,16 @@ DANGEROUS_GLOBALS: frozenset[str] = frozenset(
     """.split()
 )
 
+#: name prefixes refused in modules that also hold harmless names (torch._C holds Generator).
+DANGEROUS_PREFIXES: tuple[str, ...] = (
+    "torch._C:_jit",
+    "torch._C:import_ir_module",
+    "torch._C:_load_for_lite_interpreter",
+    "torch._C:_import_ir_module",
+    "torch._C:_load",
+    "torch._C._jit",
+)
+
 #: builtins that are allowed (above); every other builtin is refused: eval, exec, compile,
 #: getattr, setattr, delattr, __import__, open, globals, vars, input, breakpoint, type, ...
 _BUILTIN_MODULES = ("builtins", "__builtin__")
@@ -118,7 +128,7 @@ def _in_module(module: str, names: frozenset[str]) -> bool:
 def classify(module: str, qualname: str) -> str:
     """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only."""
     name = f"{module}:{qualname}"
-    if _in_module(module, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS:
+    if _in_module(module, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS or name.startswith(DANGEROUS_PREFIXES):
         return "dangerous"
     if name in ALLOWED:
         return "allowed"

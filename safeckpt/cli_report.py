@@ -1,0 +1,444 @@
+"""What the ``safeckpt`` command line shows: file views, value summaries, sizes and a progress bar.
+
+Nothing here prints to stdout; :mod:`safeckpt.cli` decides what goes where.
+A :class:`FileView` describes any checkpoint safeckpt reads (safeckpt single
+file, multi-file set, plain safetensors, ``torch.save`` file) without reading
+tensor bytes where the format allows it: legacy files go through the no-exec
+reader on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .container import read_header
+from .detect import Kind, detect
+from .errors import CheckpointFormatError
+from .legacy import read_torch_file
+from .limits import DEFAULT_LIMITS
+from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
+from .refs import GlobalRef, OpaqueObject
+from .tensors import dtype_name
+
+__all__ = [
+    "ComponentView",
+    "FileView",
+    "Progress",
+    "TensorRow",
+    "children",
+    "human_bytes",
+    "is_multi",
+    "json_key",
+    "render_path",
+    "summary",
+    "view_file",
+    "walk",
+]
+
+META = torch.device("meta")
+TORCH_KINDS = (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
+
+
+# --------------------------------------------------------------------------- small formatting helpers
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``; exact bytes under 1 KiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def shape_text(shape: tuple[int, ...] | torch.Size) -> str:
+    """``(16, 8)`` -> ``"[16, 8]"``."""
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def json_key(key: Any) -> Any:
+    """A component key as JSON can hold it: str, int, float, bool and None as is, anything else as ``str``."""
+    if key is None or type(key) in (str, int, bool) or (type(key) is float and math.isfinite(key)):
+        return key
+    return str(key)
+
+
+def jsonable(value: Any) -> Any:
+    """Metadata values (str, numbers, nested dicts and lists) as JSON can hold them."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return json_key(value)
+
+
+def short_repr(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# --------------------------------------------------------------------------- walking a state
+
+
+@dataclass(frozen=True)
+class Attr:
+    """A path segment inside an :class:`OpaqueObject` (its ``state``, ``args``...), shown as ``<state>``."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"<{self.name}>"
+
+
+def children(value: Any) -> list[tuple[Any, Any]] | None:
+    """The ``(segment, child)`` pairs of a container, or ``None`` for a leaf.
+
+    Mappings, lists and tuples (not ``torch.Size``) are containers, and so is an
+    inert :class:`OpaqueObject` (its constructor arguments and state).
+    """
+    if isinstance(value, Mapping):
+        return list(value.items())
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return list(enumerate(value))
+    if isinstance(value, OpaqueObject):
+        parts = [("args", value.args), ("kwargs", value.kwargs), ("state", value.state),
+                 ("list_items", value.list_items), ("dict_items", value.dict_items)]
+        return [(Attr(name), part) for name, part in parts if part not in (None, (), {})]
+    return None
+
+
+def walk(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every node of ``value`` as ``(path, node)``, depth first, a container before its children.
+
+    Iterative, so a deeply nested state cannot exhaust the Python stack.
+    """
+    stack: list[tuple[tuple[Any, ...], Any]] = [(path, value)]
+    while stack:
+        here, node = stack.pop()
+        yield here, node
+        kids = children(node)
+        if kids:
+            stack.extend(((*here, seg), child) for seg, child in reversed(kids))
+
+
+def render_path(path: tuple[Any, ...]) -> str:
+    """``("optimizer_state_dict", "state", 0, "exp_avg")`` -> ``"optimizer_state_dict/state/0/exp_avg"``."""
+    return "/".join(str(seg) for seg in path) if path else "(root)"
+
+
+def summary(value: Any) -> str:
+    """One line saying what a value is, without its contents (``"dict, 3 keys"``, ``"tensor float32 [4, 3]"``)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {dtype_name(value.dtype)} {shape_text(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"ndarray {value.dtype} {shape_text(value.shape)}"
+    if isinstance(value, GlobalRef):
+        return f"reference {value.name}"
+    if isinstance(value, OpaqueObject):
+        return f"object {value.cls.name}"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__}, {len(value)} keys"
+    if isinstance(value, (list, tuple, set, frozenset)) and not isinstance(value, torch.Size):
+        return f"{type(value).__name__}, {len(value)} items"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{type(value).__name__}, {len(value)} bytes"
+    return f"{type(value).__name__} {short_repr(value, 50)}"
+
+
+# --------------------------------------------------------------------------- file views
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One tensor of a component: its path inside the component, dtype, shape and size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "bytes": self.nbytes}
+
+
+@dataclass
+class ComponentView:
+    """One top-level key of a checkpoint.
+
+    Attributes:
+        key: the key.
+        summary: what its value is (see :func:`summary`).
+        tensors: its tensors as they appear in the state (tied weights under each name).
+        count, nbytes, dtypes: what is stored: for safetensors-based files from the
+            header (tied weights once), for legacy files from ``tensors``.
+        file: the component's file in a multi-file set.
+    """
+
+    key: Any
+    summary: str
+    tensors: list[TensorRow]
+    count: int
+    nbytes: int
+    dtypes: list[str]
+    file: str | None = None
+
+    def to_json(self, with_tensors: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "key": json_key(self.key),
+            "summary": self.summary,
+            "tensors": self.count,
+            "bytes": self.nbytes,
+            "dtypes": self.dtypes,
+            "file": self.file,
+        }
+        if with_tensors:
+            out["tensor_list"] = [row.to_json() for row in self.tensors]
+        return out
+
+
+@dataclass
+class FileView:
+    """What ``safeckpt inspect`` reports about one checkpoint."""
+
+    path: str
+    format: str
+    metadata: dict[str, Any]
+    components: list[ComponentView] = field(default_factory=list)
+    class_refs: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(c.count for c in self.components)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.nbytes for c in self.components)
+
+    def add(self, key: Any, value: Any, *, stored: tuple[int, int, list[str]] | None = None,
+            file: str | None = None) -> None:
+        """Add component ``key`` holding ``value`` (tensors may be on ``meta``), collecting its class references.
+
+        ``stored`` is ``(count, bytes, dtypes)`` when the header knows them.
+        """
+        rows = []
+        for path, node in walk(value):
+            if isinstance(node, torch.Tensor):
+                rows.append(TensorRow(render_path(path) if path else str(key), dtype_name(node.dtype),
+                                      tuple(node.shape), node.numel() * node.element_size()))
+            elif isinstance(node, (GlobalRef, OpaqueObject)):
+                name = node.name if isinstance(node, GlobalRef) else node.cls.name
+                self.class_refs.setdefault(name, []).append(render_path((key, *path)))
+        if stored is None:
+            stored = (len(rows), sum(r.nbytes for r in rows), sorted({r.dtype for r in rows}))
+        count, nbytes, dtypes = stored
+        self.components.append(ComponentView(key, summary(value), rows, count, nbytes, list(dtypes), file))
+
+    def to_json(self, with_tensors: bool) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "metadata": jsonable(self.metadata),
+            "tensor_count": self.tensor_count,
+            "total_bytes": self.total_bytes,
+            "components": [c.to_json(with_tensors) for c in self.components],
+            "class_references": [{"name": n, "paths": p} for n, p in sorted(self.class_refs.items())],
+        }
+
+
+def is_multi(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` names a multi-file set (its manifest, or a base path that is not a file), as ``load`` decides.
+
+    Raises:
+        FileNotFoundError: if ``path`` is neither a file nor the base path of a set.
+        IsADirectoryError: for a directory.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory; name a checkpoint file")
+    if p.is_file():
+        return detect(p) is Kind.MANIFEST
+    if find_manifest(p) is not None or discover(p):
+        return True
+    raise FileNotFoundError(f"{p}: no such file, and no multi-file set ({manifest_path(p)} or {split_base(p)}_*)")
+
+
+def _add_safe_file(view: FileView, path: Path, progress: Progress | None, *, file: str | None = None) -> None:
+    """Add the components of a safeckpt or plain safetensors file (a multi-file component file: its one key)."""
+    with Checkpoint(path, device=META) as ckpt:
+        view.metadata = view.metadata or ckpt.metadata
+        if not ckpt.is_safeckpt:  # a plain safetensors file: every tensor is a component, all in the header
+            for entry in read_header(path, DEFAULT_LIMITS).entries.values():
+                row = TensorRow(entry.name, dtype_name(entry.dtype), entry.shape, entry.nbytes)
+                view.components.append(ComponentView(
+                    entry.name, f"tensor {row.dtype} {shape_text(row.shape)}", [row], 1, row.nbytes, [row.dtype], file))
+            return
+        info = ckpt.info()
+        cpu: Checkpoint | None = None
+        try:
+            for key in ckpt.components():
+                try:
+                    value = ckpt.get(key)
+                except CheckpointFormatError:  # numpy arrays need real bytes: decode this component on the CPU
+                    cpu = cpu or Checkpoint(path)
+                    value = cpu.get(key)
+                i = info[key]
+                view.add(key, value, stored=(i.tensors, i.bytes, list(i.dtypes)), file=file)
+                if progress is not None:
+                    progress.advance()
+        finally:
+            if cpu is not None:
+                cpu.close()
+
+
+def _add_legacy_value(view: FileView, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            view.add(key, item)
+    else:
+        view.add("(root)", value)
+
+
+def view_file(path: str | os.PathLike[str], progress: Progress | None = None) -> FileView:
+    """Describe any checkpoint safeckpt reads, reading as few tensor bytes as the format allows.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError: if there is nothing at ``path``.
+        CheckpointFormatError: if it is not a checkpoint.
+        UnsafeCheckpointError: for a legacy file that names dangerous globals.
+        IntegrityError: for a multi-file set whose files do not have the sizes its manifest records.
+    """
+    p = Path(path)
+    if is_multi(p):
+        return _view_multi(p, progress)
+    kind = detect(p)
+    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
+        with Checkpoint(p, device=META) as ckpt:
+            fmt = "safeckpt" if ckpt.is_safeckpt else "safetensors"
+            if progress is not None:
+                progress.total = len(ckpt.components()) if ckpt.is_safeckpt else 0
+        view = FileView(str(p), fmt, {})
+        _add_safe_file(view, p, progress)
+        return view
+    legacy = read_torch_file(p, device=META, limits=DEFAULT_LIMITS)
+    view = FileView(str(p), legacy.format, {})
+    _add_legacy_value(view, legacy.value)
+    return view
+
+
+def _view_multi(path: Path, progress: Progress | None) -> FileView:
+    manifest_file = find_manifest(path)
+    if manifest_file is not None:
+        manifest = read_manifest(manifest_file, DEFAULT_LIMITS)
+        view = FileView(str(path), "safeckpt-multi", {"manifest": str(manifest_file), **manifest.metadata})
+        files = {e.key: check_entry(manifest, e, verify=False, limits=DEFAULT_LIMITS) for e in manifest.entries}
+    else:
+        files = discover(path)
+        view = FileView(str(path), "safeckpt-multi", {"manifest": None})
+    if progress is not None:
+        progress.total = len(files)
+    for key, file in files.items():
+        kind = detect(file)
+        if kind in TORCH_KINDS:
+            view.add(key, read_torch_file(file, device=META, limits=DEFAULT_LIMITS).value, file=str(file))
+        else:
+            with Checkpoint(file, device=META) as ckpt:
+                has_key = ckpt.is_safeckpt and ckpt.components() == [key]
+            if has_key:
+                meta = view.metadata
+                _add_safe_file(view, file, None, file=str(file))
+                view.metadata = meta
+            else:  # a plain safetensors component file: a state dict
+                with Checkpoint(file, device=META) as ckpt:
+                    view.add(key, ckpt.load(), file=str(file))
+        if progress is not None:
+            progress.advance()
+    return view
+
+
+# --------------------------------------------------------------------------- progress bar
+
+
+class Progress:
+    """A one-line progress bar on a terminal, shown only for work that lasts over ``delay`` seconds.
+
+    It writes ``\\r`` updates to ``stream`` (stderr by default) and only when that
+    stream is a TTY and ``enabled`` is true; it erases itself when closed.
+
+    Args:
+        label: what is being done.
+        total: units of work (``0`` when unknown).
+        enabled: false with ``--quiet``.
+        unit: ``"bytes"`` to show sizes, anything else to show counts.
+        stream: where to draw (default ``sys.stderr`` at construction time).
+        delay: seconds before the bar first appears.
+    """
+
+    WIDTH = 24
+
+    def __init__(self, label: str, total: int, *, enabled: bool = True, unit: str = "",
+                 stream: TextIO | None = None, delay: float = 1.0) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.done = 0
+        self.delay = delay
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = enabled and callable(isatty) and bool(isatty())
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._drawn = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def advance(self, n: int = 1) -> None:
+        """Record ``n`` more units done and redraw (at most ten times a second)."""
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._start < self.delay or (self._drawn and now - self._last < 0.1 and self.done < self.total):
+            return
+        self._last = now
+        self._draw()
+
+    def _count(self, n: int) -> str:
+        return human_bytes(n) if self.unit == "bytes" else str(n)
+
+    def _draw(self) -> None:
+        if self.total > 0:
+            frac = min(1.0, self.done / self.total)
+            filled = int(frac * self.WIDTH)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            text = f"{self.label} [{bar}] {frac * 100:3.0f}% {self._count(self.done)}/{self._count(self.total)}"
+        else:
+            text = f"{self.label} {self._count(self.done)}"
+        self.stream.write("\r" + text[:120])
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Erase the bar, if it was drawn."""
+        if self._drawn:
+            self.stream.write("\r" + " " * 120 + "\r")
+            self.stream.flush()
+            self._drawn = False
