@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint
 from .cli_diff import diff_states
-from .cli_report import META, TORCH_KINDS, FileView, Progress, human_bytes, is_multi, json_key, view_file, walk
+from .cli_report import META, TORCH_KINDS, FileView, Progress, human_bytes, is_multi, json_key, plural, view_file, walk
 from .container import read_header
 from .convert import convert
 from .detect import Kind, detect
@@ -102,10 +102,6 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_FAILED if isinstance(exc, (UnsafeCheckpointError, IntegrityError)) else EXIT_USAGE
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _format_of(path: Path) -> str:
     """The format name ``inspect`` reports, from the bytes (and the set's files for a multi-file set)."""
     if is_multi(path):
@@ -130,7 +126,7 @@ def _render_view(out: _Out, view: FileView, with_tensors: bool) -> None:
     out.line("components:")
     rows: list[tuple[str, ...]] = []
     for c in view.components:
-        stored = (_plural(c.count, "tensor"), human_bytes(c.nbytes), ", ".join(c.dtypes)) if c.count else ("", "", "")
+        stored = (plural(c.count, "tensor"), human_bytes(c.nbytes), ", ".join(c.dtypes)) if c.count else ("", "", "")
         rows.append((str(c.key), *stored, c.summary))
         if with_tensors and c.tensors and not (len(c.tensors) == 1 and c.tensors[0].name == str(c.key)):
             rows.extend(("  " + t.name, "", human_bytes(t.nbytes), t.dtype, str(list(t.shape))) for t in c.tensors)
@@ -250,6 +246,8 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace) -> list[
 
 
 def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
+    if args.keys and not args.multi:
+        raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
     plan = _convert_plan(args)
     results: list[dict[str, Any]] = []
     with out.progress("converting", len(plan)) as bar:
@@ -327,12 +325,11 @@ def cmd_verify(out: _Out, args: argparse.Namespace) -> int:
     except IntegrityError as exc:
         out.document({"ok": False, "path": str(path), "format": _format_of(path), "digests": True,
                       "error": _error_fields(exc)})
-        where = f" (tensor {exc.tensor_name})" if exc.tensor_name else ""
-        out.line(f"FAILED {path}{where}: {_message(exc)}")
+        out.line(f"FAILED: {_message(exc)}")
         return EXIT_FAILED
     code = EXIT_FAILED if args.require_digests and not fields["digests"] else EXIT_OK
     out.document({"ok": code == EXIT_OK, "path": str(path), **fields, "error": None})
-    what = f"{fields['components']} components, {fields['tensors']} tensors"
+    what = f"{plural(fields['components'], 'component')}, {plural(fields['tensors'], 'tensor')}"
     if fields["digests"]:
         out.line(f"OK {path} ({fields['format']}): {what}; every SHA-256 digest matches and the structure decodes")
     else:
@@ -430,8 +427,8 @@ def cmd_diff(out: _Out, args: argparse.Namespace) -> int:
     out.line(f"A: {a_path} ({_format_of(a_path)})")
     out.line(f"B: {b_path} ({_format_of(b_path)})")
     status = {"same": "same", "different": "DIFFERENT", "missing": "only in A", "extra": "only in B"}
-    out.table([(str(c.key), _plural(c.tensors, "tensor") if c.tensors else "",
-                status[c.status] + (f" ({c.differences} differences)" if c.status == "different" else ""))
+    out.table([(str(c.key), plural(c.tensors, "tensor") if c.tensors else "",
+                status[c.status] + (f" ({plural(c.differences, 'difference')})" if c.status == "different" else ""))
                for c in result.components])
     if result.differences:
         out.line("differences:")
@@ -443,7 +440,7 @@ def cmd_diff(out: _Out, args: argparse.Namespace) -> int:
         if len(result.differences) > MAX_SHOWN:
             out.line(f"  ... and {len(result.differences) - MAX_SHOWN} more (--json lists them all)")
         changed = sum(c.status != "same" for c in result.components)
-        out.line(f"DIFFERENT: {len(result.differences)} differences in {changed} of {len(result.components)} components")
+        out.line(f"DIFFERENT: {plural(len(result.differences), 'difference')} in {changed} of {len(result.components)} components")
     else:
         out.line(f"identical: {len(result.components)} components, {result.tensors} tensors, {result.values} values")
     return code

@@ -40,6 +40,7 @@ __all__ = [
     "human_bytes",
     "is_multi",
     "json_key",
+    "plural",
     "render_path",
     "summary",
     "view_file",
@@ -63,6 +64,11 @@ def human_bytes(n: int) -> str:
         if value < 1024 or unit == "TiB":
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def plural(n: int, noun: str) -> str:
+    """``(1, "key")`` -> ``"1 key"``, ``(3, "key")`` -> ``"3 keys"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def shape_text(shape: tuple[int, ...] | torch.Size) -> str:
@@ -152,9 +158,9 @@ def summary(value: Any) -> str:
     if isinstance(value, OpaqueObject):
         return f"object {value.cls.name}"
     if isinstance(value, Mapping):
-        return f"{type(value).__name__}, {len(value)} keys"
+        return f"{type(value).__name__}, {plural(len(value), 'key')}"
     if isinstance(value, (list, tuple, set, frozenset)) and not isinstance(value, torch.Size):
-        return f"{type(value).__name__}, {len(value)} items"
+        return f"{type(value).__name__}, {plural(len(value), 'item')}"
     if isinstance(value, (bytes, bytearray)):
         return f"{type(value).__name__}, {len(value)} bytes"
     return f"{type(value).__name__} {short_repr(value, 50)}"

@@ -75,8 +75,8 @@ def _load_torch_file(
     allow = AllowList(allowed_globals)
     try:
         return resolve_allowed(value, allow, max_depth=limits.max_depth)
-    except ValueError as exc:
-        raise CheckpointFormatError(f"{path}: {exc}", file=os.fspath(path)) from exc
+    except Exception as exc:  # an allowed name that cannot be imported or rebuilt
+        raise CheckpointFormatError(f"{path}: {type(exc).__name__}: {exc}", file=os.fspath(path)) from exc
 
 
 def load_single_file(

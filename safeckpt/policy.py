@@ -15,6 +15,8 @@ Three answers, decided from the name alone and never by importing it:
 
 from __future__ import annotations
 
+import _compat_pickle
+
 __all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "DANGEROUS_PREFIXES", "classify"]
 
 _STORAGE_TYPES = (
@@ -125,9 +127,39 @@ def _in_module(module: str, names: frozenset[str]) -> bool:
     return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
 
 
+def _spellings(module: str, qualname: str) -> list[tuple[str, str]]:
+    """The name as written and as Python 3's unpickler maps Python 2 names (``commands:Popen``
+    is ``subprocess:Popen`` to ``pickle.load``)."""
+    names = [(module, qualname)]
+    mapped = _compat_pickle.NAME_MAPPING.get((module, qualname))
+    if mapped:
+        names.append(mapped)
+    if module in _compat_pickle.IMPORT_MAPPING:
+        names.append((_compat_pickle.IMPORT_MAPPING[module], qualname))
+    return names
+
+
 def classify(module: str, qualname: str) -> str:
-    """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only."""
+    """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only.
+
+    A name is dangerous when any spelling of it (see :func:`_spellings`) is, and
+    when its qualname walks through a dunder attribute (``__globals__``,
+    ``__builtins__``...) or through a dangerous module held as an attribute
+    (``torch._utils:os.system``).
+    """
+    statuses = [_classify_one(m, q) for m, q in _spellings(module, qualname)]
+    if "dangerous" in statuses:
+        return "dangerous"
+    return statuses[0]
+
+
+def _classify_one(module: str, qualname: str) -> str:
     name = f"{module}:{qualname}"
+    parts = qualname.split(".")
+    if any(p.startswith("__") and p.endswith("__") for p in parts) or any(
+        _in_module(".".join(parts[:i]), DANGEROUS_MODULES) for i in range(1, len(parts))
+    ):
+        return "dangerous"
     if _in_module(module, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS or name.startswith(DANGEROUS_PREFIXES):
         return "dangerous"
     if name in ALLOWED:

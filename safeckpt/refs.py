@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import logging
 import re
 import sys
 import types
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UnsupportedValueError
+from .policy import classify
 
 __all__ = ["AllowList", "GlobalRef", "OpaqueObject", "ref_of"]
 
+logger = logging.getLogger("safeckpt")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 MAX_NAME_LEN = 1024
 
@@ -175,7 +178,8 @@ class AllowList:
     """The caller's ``allowed_globals``: objects, ``GlobalRef``s or ``"module:qualname"`` strings.
 
     Nothing is imported to build it. A name is allowed when listed; an enum member
-    is also allowed when its enum class is listed.
+    is also allowed when its enum class is listed. Names on safeckpt's blocklist
+    (:mod:`safeckpt.policy`) can never be allowed: they stay inert, with a warning.
     """
 
     def __init__(self, allowed: Iterable[Any] = ()) -> None:
@@ -189,15 +193,27 @@ class AllowList:
                 names.add(item.name)
             else:
                 names.add(ref_of(item).name)
-        self.names = frozenset(names)
+        refused = {n for n in names if classify(*n.split(":", 1)) == "dangerous"}
+        if refused:
+            logger.warning("allowed_globals lists %s, which safeckpt never imports; ignored", ", ".join(sorted(refused)))
+        self.names = frozenset(names - refused)
+        self.refused = frozenset(refused)
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def resolve(self, ref: GlobalRef) -> Any:
-        """The real object when ``ref`` is allowed, else ``ref`` itself (inert)."""
+        """The real object when ``ref`` is allowed, else ``ref`` itself (inert).
+
+        Raises:
+            ImportError, AttributeError: if an allowed name cannot be imported.
+            ValueError: if an allowed name resolves to a module.
+        """
         if ref.name in self.names:
-            return ref.resolve()
+            found = ref.resolve()
+            if isinstance(found, types.ModuleType):
+                raise ValueError(f"{ref.name} is a module, not a class or function")
+            return found
         owner_name, dot, member = ref.qualname.rpartition(".")
         if dot and f"{ref.module}:{owner_name}" in self.names:
             owner = GlobalRef(ref.module, owner_name).resolve()

@@ -336,14 +336,11 @@ def _legacy_layout(
 
 
 def _starts_like_pickle(path: str) -> bool:
-    """Protocol 0/1 pickles have no header: accept a file whose first byte is a pickle opcode
-    that can start one (a push), and whose last non-blank byte is STOP."""
+    """Protocol 0/1 pickles have no header: ``pickle.load`` tries any file whose first byte is
+    an opcode, and so does the reader (it stops at STOP; trailing bytes are ignored)."""
     with open(path, "rb") as f:
         first = f.read(1)
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 16))
-        tail = f.read().rstrip(b"\n\r ")
-    return bool(first) and first in b"(}]lcNIJKLMFGSUTVX\x80" and tail.endswith(b".")
+    return bool(first) and first.decode("latin-1") in pickletools.code2op
 
 
 def read_torch_file(
