@@ -191,6 +191,23 @@ class SymbolicUnpickler:
                 actual=n,
             )
 
+    def _check_hashable_depth(self, values: Any) -> None:
+        """Refuse keys and set elements nested deeper than ``Limits.max_depth``: hashing a
+        million-deep tuple recurses in C and would crash the interpreter."""
+        stack = [(v, 1) for v in values]
+        limit = self._limits.max_depth
+        while stack:
+            value, depth = stack.pop()
+            if type(value) in (tuple, frozenset, list):
+                if depth > limit:
+                    raise LimitExceededError(
+                        f"a dict key or set element is nested deeper than Limits.max_depth={limit}",
+                        limit="max_depth",
+                        maximum=limit,
+                        actual=depth,
+                    )
+                stack.extend((item, depth + 1) for item in value)
+
     @staticmethod
     def _settle(value: Any) -> Any:
         return value.placeholder if isinstance(value, _Pending) else value
@@ -320,10 +337,13 @@ class SymbolicUnpickler:
         items = self._pop_mark()
         if len(items) % 2:
             raise self._error("odd number of items for DICT")
+        self._check_hashable_depth(items[0::2])
         self._push({self._settle(k): self._settle(v) for k, v in zip(items[0::2], items[1::2])})
 
     def op_FROZENSET(self, arg: None) -> None:
-        self._push(frozenset(self._settle(v) for v in self._pop_mark()))
+        items = self._pop_mark()
+        self._check_hashable_depth(items)
+        self._push(frozenset(self._settle(v) for v in items))
 
     def op_APPEND(self, arg: None) -> None:
         value = self._pop()
@@ -358,6 +378,7 @@ class SymbolicUnpickler:
     def _set_items(self, target: Any, items: list[Any]) -> None:
         pairs = [(self._settle(k), self._settle(v)) for k, v in zip(items[0::2], items[1::2])]
         if type(target) in (dict, OrderedDict):
+            self._check_hashable_depth(items[0::2])
             self._check_len(len(target) + len(pairs))
             for key, value in pairs:
                 target[key] = value
@@ -373,6 +394,7 @@ class SymbolicUnpickler:
         target = self._top()
         if type(target) is not set:
             raise self._error(f"ADDITEMS on a {type(target).__name__}")
+        self._check_hashable_depth(items)
         self._check_len(len(target) + len(items))
         target.update(items)
 
@@ -461,6 +483,7 @@ class SymbolicUnpickler:
         status = policy.classify(factory.module, factory.qualname)
         implementation = self._calls.get(factory.name) if status == "allowed" else None
         if implementation is not None and not kwargs:
+            self._check_hashable_depth(args)  # set(), frozenset(), OrderedDict() hash what they get
             try:
                 self._push(implementation(*args))
             except CheckpointFormatError:
