@@ -334,7 +334,7 @@ def view_file(path: str | os.PathLike[str], progress: Progress | None = None) ->
     kind = detect(p)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON):
         with Checkpoint(p, device=META) as ckpt:
-            fmt = "safeckpt" if ckpt.is_safeckpt else "safetensors"
+            fmt = "safeckpt-component" if kind is Kind.SKELETON else "safeckpt" if ckpt.is_safeckpt else "safetensors"
             if progress is not None:
                 progress.total = len(ckpt.components()) if ckpt.is_safeckpt else 0
         view = FileView(str(p), fmt, {})

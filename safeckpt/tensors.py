@@ -253,7 +253,7 @@ def view_tensor(base: torch.Tensor, view: Any, *, max_dims: int, where: str) -> 
         isinstance(shape, list)
         and isinstance(stride, list)
         and len(shape) == len(stride) <= max_dims
-        and all(type(v) is int and v >= 0 for v in (*shape, *stride, offset))
+        and all(type(v) is int and 0 <= v < 1 << 62 for v in (*shape, *stride, offset))
     ):
         raise CheckpointFormatError(f"malformed shape/stride/offset in the view of {where}")
     itemsize = dtype.itemsize
