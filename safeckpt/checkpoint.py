@@ -21,6 +21,7 @@ from .container import (
     META_VERSION,
     Header,
     Root,
+    TensorInfo,
     parse_root,
     read_header,
     read_skeleton_file,
@@ -151,6 +152,24 @@ class Checkpoint:
             return list(self._header.entries)
         decoder = self._decoder()
         return [decoder.unpack(key, "a component key") for key, _, _ in self._root.components]
+
+    @property
+    def has_digests(self) -> bool:
+        """True when the file records SHA-256 digests that ``verify=True`` can check."""
+        return self._header.digests() is not None
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        """Dtype, shape and byte range of one stored tensor, from the header alone.
+
+        Raises:
+            ComponentNotFoundError: if there is no tensor of that name.
+        """
+        info = self._header.entries.get(name)
+        if info is None:
+            raise ComponentNotFoundError(
+                f"no tensor {name!r} in {self.path}", name=name, available=list(self._header.entries)[:20], file=str(self.path)
+            )
+        return info
 
     def tensor_names(self) -> list[str]:
         """Names of the stored tensors (``component/path``), in file order."""

@@ -17,21 +17,30 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
-from .checkpoint import Checkpoint
 from .cli_diff import diff_states
-from .cli_report import META, TORCH_KINDS, FileView, Progress, human_bytes, is_multi, json_key, plural, view_file, walk
-from .container import read_header
+from .cli_report import (
+    TORCH_KINDS,
+    FileView,
+    Progress,
+    collect_files,
+    component_keys,
+    format_of,
+    human_bytes,
+    is_multi,
+    json_key,
+    plural,
+    verify_file,
+    view_file,
+)
 from .convert import convert
 from .detect import Kind, detect
 from .errors import IntegrityError, SafeCkptError, UnsafeCheckpointError
-from .legacy import read_torch_file, scan
+from .legacy import scan
 from .limits import DEFAULT_LIMITS
 from .loading import load, load_multi_files
 from .multifile import DEFAULT_KEYS, discover, find_manifest, manifest_path, read_manifest
@@ -102,23 +111,14 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_FAILED if isinstance(exc, (UnsafeCheckpointError, IntegrityError)) else EXIT_USAGE
 
 
-def _format_of(path: Path) -> str:
-    """The format name ``inspect`` reports, from the bytes (and the set's files for a multi-file set)."""
-    if is_multi(path):
-        return "safeckpt-multi"
-    kind = detect(path)
-    if kind is Kind.SAFETENSORS:
-        with Checkpoint(path, device=META) as ckpt:
-            return "safeckpt" if ckpt.is_safeckpt else "safetensors"
-    return "safeckpt-component" if kind is Kind.SKELETON else kind.value
-
-
 # --------------------------------------------------------------------------- inspect
 
 
 def _render_view(out: _Out, view: FileView, with_tensors: bool) -> None:
-    out.line(f"{view.path}: {view.format}, {len(view.components)} components, "
-             f"{view.tensor_count} tensors, {human_bytes(view.total_bytes)}")
+    out.line(
+        f"{view.path}: {view.format}, {plural(len(view.components), 'component')}, "
+        f"{plural(view.tensor_count, 'tensor')}, {human_bytes(view.total_bytes)}"
+    )
     meta = {k: v for k, v in view.metadata.items() if v is not None}
     if meta:
         out.line("metadata:")
@@ -133,8 +133,12 @@ def _render_view(out: _Out, view: FileView, with_tensors: bool) -> None:
     out.table(rows)
     if view.class_refs:
         out.line(f"class references ({len(view.class_refs)}):")
-        out.table([(name, ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""))
-                   for name, paths in sorted(view.class_refs.items())])
+        out.table(
+            [
+                (name, ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""))
+                for name, paths in sorted(view.class_refs.items())
+            ]
+        )
 
 
 def cmd_inspect(out: _Out, args: argparse.Namespace) -> int:
@@ -148,21 +152,8 @@ def cmd_inspect(out: _Out, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- scan
 
 
-def _scan_targets(paths: Sequence[str], recursive: bool, wanted: Callable[[Path], bool]) -> list[Path]:
-    """Files named on the command line, with directories replaced by the files in them that ``wanted`` accepts."""
-    found: list[Path] = []
-    for name in paths:
-        p = Path(name)
-        if p.is_dir():
-            inside = sorted(p.rglob("*") if recursive else p.iterdir())
-            found.extend(f for f in inside if f.is_file() and not f.name.startswith(".") and wanted(f))
-        else:
-            found.append(p)
-    return found
-
-
 def cmd_scan(out: _Out, args: argparse.Namespace) -> int:
-    files = _scan_targets(args.paths, args.recursive, lambda f: detect(f) is not Kind.UNKNOWN)
+    files = collect_files(args.paths, args.recursive, lambda f: detect(f) is not Kind.UNKNOWN)
     if not files:
         raise ValueError(f"no checkpoint files in {', '.join(args.paths)}")
     results: list[dict[str, Any]] = []
@@ -171,16 +162,32 @@ def cmd_scan(out: _Out, args: argparse.Namespace) -> int:
             try:
                 report = scan(f)
             except (SafeCkptError, OSError) as exc:
-                results.append({"path": str(f), "format": None, "verdict": None, "globals": [], "findings": [],
-                                "error": _error_fields(exc)})
+                results.append(
+                    {
+                        "path": str(f),
+                        "format": None,
+                        "verdict": None,
+                        "globals": [],
+                        "findings": [],
+                        "error": _error_fields(exc),
+                    }
+                )
             else:
-                results.append({
-                    "path": str(f), "format": report.format, "verdict": report.verdict,
-                    "globals": [{"name": g.name, "uses": sorted(g.uses), "status": g.status} for g in report.globals],
-                    "findings": [{"kind": x.kind, "severity": x.severity, "message": x.message, "offset": x.offset}
-                                 for x in report.findings],
-                    "error": None,
-                })
+                results.append(
+                    {
+                        "path": str(f),
+                        "format": report.format,
+                        "verdict": report.verdict,
+                        "globals": [
+                            {"name": g.name, "uses": sorted(g.uses), "status": g.status} for g in report.globals
+                        ],
+                        "findings": [
+                            {"kind": x.kind, "severity": x.severity, "message": x.message, "offset": x.offset}
+                            for x in report.findings
+                        ],
+                        "error": None,
+                    }
+                )
             bar.advance()
     counts = {v: sum(r["verdict"] == v for r in results) for v in ("safe", "suspicious", "dangerous")}
     counts["error"] = sum(r["error"] is not None for r in results)
@@ -192,9 +199,14 @@ def cmd_scan(out: _Out, args: argparse.Namespace) -> int:
             out.line(f"{r['path']}: ERROR: {r['error']['message']}")
             continue
         verdict = "DANGEROUS" if r["verdict"] == "dangerous" else r["verdict"]
-        out.line(f"{r['path']}: {verdict} ({r['format']}, {len(r['globals'])} globals)")
-        out.table([(g["status"], g["name"], ", ".join(g["uses"]))
-                   for g in sorted(r["globals"], key=lambda g: (order.get(g["status"], 3), g["name"]))], indent=4)
+        out.line(f"{r['path']}: {verdict} ({r['format']}, {plural(len(r['globals']), 'global')})")
+        out.table(
+            [
+                (g["status"], g["name"], ", ".join(g["uses"]))
+                for g in sorted(r["globals"], key=lambda g: (order.get(g["status"], 3), g["name"]))
+            ],
+            indent=4,
+        )
         out.table([(x["severity"], x["kind"], x["message"]) for x in r["findings"]], indent=4)
     if len(results) > 1:
         out.line(", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" of {len(results)} files")
@@ -208,19 +220,21 @@ def _convert_plan(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
     """``(source, destination)`` pairs; the destination is the file (with ``--multi``: the base path)
     to write, ``None`` for the default next to the source.
 
-    Accepted: ``SRC``, ``SRC DST``, ``SRC... DIR`` (an existing directory, or any DST
-    after a source directory) and three or more sources, each converted next to itself.
+    Accepted: ``SRC``, ``SRC DST``, ``SRC... DIR`` (an existing directory, a name ending
+    with ``/``, or any DST after a source directory) and three or more sources, each
+    converted next to itself.
     """
     paths = [Path(p) for p in args.paths]
-    if len(paths) == 2 and not paths[0].is_dir() and not paths[1].is_dir():
+    last_is_dir = paths[-1].is_dir() or args.paths[-1].endswith(("/", os.sep))
+    if len(paths) == 2 and not paths[0].is_dir() and not last_is_dir:
         return [(paths[0], paths[1])]
     into: Path | None = None
-    if len(paths) >= 2 and (paths[-1].is_dir() or (len(paths) == 2 and paths[0].is_dir())):
+    if len(paths) >= 2 and (last_is_dir or (len(paths) == 2 and paths[0].is_dir())):
         into = paths.pop()
     plan: list[tuple[Path, Path | None]] = []
     for p in paths:
         if p.is_dir():
-            files = _scan_targets([str(p)], args.recursive, lambda f: detect(f) in TORCH_KINDS)
+            files = collect_files([str(p)], args.recursive, lambda f: detect(f) in TORCH_KINDS)
             if not files:
                 raise ValueError(f"no torch.save files in {p}")
             pairs = [(f, f.relative_to(p)) for f in files]
@@ -252,7 +266,13 @@ def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     with out.progress("converting", len(plan)) as bar:
         for src, dst in plan:
-            entry: dict[str, Any] = {"source": str(src), "status": "converted", "outputs": [], "globals": [], "error": None}
+            entry: dict[str, Any] = {
+                "source": str(src),
+                "status": "converted",
+                "outputs": [],
+                "globals": [],
+                "error": None,
+            }
             try:
                 entry["outputs"] = _convert_one(src, dst, args)
             except UnsafeCheckpointError as exc:
@@ -269,8 +289,10 @@ def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
             size = sum(Path(p).stat().st_size for p in r["outputs"])
             out.line(f"converted {r['source']} -> {', '.join(r['outputs'])} ({human_bytes(size)})")
         elif r["status"] == "refused":
-            out.line(f"REFUSED {r['source']}: dangerous globals {', '.join(r['globals']) or '(none named)'}; "
-                     "nothing was written or executed")
+            out.line(
+                f"REFUSED {r['source']}: dangerous globals {', '.join(r['globals']) or '(none named)'}; "
+                "nothing was written or executed"
+            )
         else:
             out.line(f"error {r['source']}: {r['error']}")
     if len(results) > 1:
@@ -281,50 +303,14 @@ def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- verify
 
 
-def _count_tensors(value: Any) -> int:
-    return sum(isinstance(node, torch.Tensor) for _, node in walk(value))
-
-
-def _verify(path: Path, out: _Out) -> dict[str, Any]:
-    """Check ``path``; returns the report fields. Raises ``IntegrityError`` on a mismatch."""
-    if is_multi(path):
-        manifest_file = find_manifest(path)
-        keys = [e.key for e in read_manifest(manifest_file, DEFAULT_LIMITS).entries] if manifest_file else list(discover(path))
-        tensors = 0
-        with out.progress(f"verifying {path}", len(keys)) as bar:
-            for key in keys:
-                value = load_multi_files(path, [key], verify=manifest_file is not None)[key]
-                tensors += _count_tensors(value)
-                bar.advance()
-        return {"format": "safeckpt-multi", "digests": manifest_file is not None, "components": len(keys),
-                "tensors": tensors}
-    kind = detect(path)
-    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
-        entries = read_header(path, DEFAULT_LIMITS).entries if kind is Kind.SAFETENSORS else {}
-        digests = kind is Kind.SAFETENSORS and read_header(path, DEFAULT_LIMITS).digests() is not None
-        with Checkpoint(path, verify=digests) as ckpt:  # the skeleton's digest is checked on opening
-            fmt = "safeckpt" if ckpt.is_safeckpt else "safetensors"
-            with out.progress(f"verifying {path}", sum(e.nbytes for e in entries.values()), "bytes") as bar:
-                for name in ckpt.tensor_names():
-                    ckpt.get_tensor(name)
-                    bar.advance(entries[name].nbytes)
-        with Checkpoint(path) as ckpt:  # structure: every component decodes
-            components = len(ckpt.load())
-        return {"format": fmt if kind is Kind.SAFETENSORS else "safeckpt-component", "digests": digests,
-                "components": components, "tensors": len(entries)}
-    legacy = read_torch_file(path, device=torch.device("cpu"), limits=DEFAULT_LIMITS)  # the no-exec reader
-    state = legacy.value
-    return {"format": legacy.format, "digests": False, "components": len(state) if isinstance(state, Mapping) else 1,
-            "tensors": _count_tensors(state)}
-
-
 def cmd_verify(out: _Out, args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
-        fields = _verify(path, out)
+        fields = verify_file(path, out.progress)
     except IntegrityError as exc:
-        out.document({"ok": False, "path": str(path), "format": _format_of(path), "digests": True,
-                      "error": _error_fields(exc)})
+        out.document(
+            {"ok": False, "path": str(path), "format": format_of(path), "digests": True, "error": _error_fields(exc)}
+        )
         out.line(f"FAILED: {_message(exc)}")
         return EXIT_FAILED
     code = EXIT_FAILED if args.require_digests and not fields["digests"] else EXIT_OK
@@ -334,30 +320,18 @@ def cmd_verify(out: _Out, args: argparse.Namespace) -> int:
         out.line(f"OK {path} ({fields['format']}): {what}; every SHA-256 digest matches and the structure decodes")
     else:
         verdict = "FAILED" if code else "OK"
-        out.line(f"{verdict} {path} ({fields['format']}): {what}; structure checked only, "
-                 "the file records no digests")
+        out.line(f"{verdict} {path} ({fields['format']}): {what}; structure checked only, the file records no digests")
     return code
 
 
 # --------------------------------------------------------------------------- split, merge
 
 
-def _component_keys(path: Path) -> list[Any]:
-    kind = detect(path)
-    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
-        with Checkpoint(path, device=META) as ckpt:
-            return ckpt.components()
-    value = read_torch_file(path, device=META, limits=DEFAULT_LIMITS).value
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a {type(value).__name__}, not a dict of components")
-    return list(value)
-
-
 def cmd_split(out: _Out, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if is_multi(path):
         raise ValueError(f"{path} is already a multi-file set")
-    available = _component_keys(path)
+    available = component_keys(path)
     if args.all:
         keys = [k for k in available if isinstance(k, str)]
     else:
@@ -374,7 +348,7 @@ def cmd_split(out: _Out, args: argparse.Namespace) -> int:
     written = save_multi_from_single(path, keys)
     files = {k: str(p) for k, p in written.items()}
     out.document({"ok": True, "path": str(path), "manifest": str(manifest), "files": files})
-    out.line(f"split {path} into {len(files)} components:")
+    out.line(f"split {path} into {plural(len(files), 'component')}:")
     out.table([(k, p) for k, p in files.items()] + [("(manifest)", str(manifest))])
     return EXIT_OK
 
@@ -386,16 +360,19 @@ def cmd_merge(out: _Out, args: argparse.Namespace) -> int:
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     manifest_file = find_manifest(base)
-    keys = [e.key for e in read_manifest(manifest_file, DEFAULT_LIMITS).entries] if manifest_file else list(discover(base))
+    keys = (
+        [e.key for e in read_manifest(manifest_file, DEFAULT_LIMITS).entries] if manifest_file else list(discover(base))
+    )
     state: dict[str, Any] = {}
     with out.progress(f"reading {base}", len(keys)) as bar:
         for key in keys:
             state[key] = load_multi_files(base, [key], verify=args.verify)[key]
             bar.advance()
     save_single_file(None, state, target)
-    out.document({"ok": True, "base": str(base), "output": str(target), "components": keys,
-                  "bytes": target.stat().st_size})
-    out.line(f"merged {len(keys)} components of {base} into {target} ({human_bytes(target.stat().st_size)})")
+    out.document(
+        {"ok": True, "base": str(base), "output": str(target), "components": keys, "bytes": target.stat().st_size}
+    )
+    out.line(f"merged {plural(len(keys), 'component')} of {base} into {target} ({human_bytes(target.stat().st_size)})")
     return EXIT_OK
 
 
@@ -413,23 +390,34 @@ def cmd_diff(out: _Out, args: argparse.Namespace) -> int:
     with out.progress("comparing") as bar:
         result = diff_states(a, b, atol=args.atol, rtol=args.rtol, advance=bar.advance)
     code = EXIT_OK if result.identical else EXIT_FAILED
-    out.document({
-        "ok": result.identical, "identical": result.identical,
-        "a": {"path": str(a_path), "format": _format_of(a_path)},
-        "b": {"path": str(b_path), "format": _format_of(b_path)},
-        "atol": args.atol, "rtol": args.rtol,
-        "compared": {"values": result.values, "tensors": result.tensors},
-        "components": [c.to_json() for c in result.components],
-        "differences": [d.to_json() for d in result.differences],
-    })
+    out.document(
+        {
+            "ok": result.identical,
+            "identical": result.identical,
+            "a": {"path": str(a_path), "format": format_of(a_path)},
+            "b": {"path": str(b_path), "format": format_of(b_path)},
+            "atol": args.atol,
+            "rtol": args.rtol,
+            "compared": {"values": result.values, "tensors": result.tensors},
+            "components": [c.to_json() for c in result.components],
+            "differences": [d.to_json() for d in result.differences],
+        }
+    )
     if out.json:
         return code
-    out.line(f"A: {a_path} ({_format_of(a_path)})")
-    out.line(f"B: {b_path} ({_format_of(b_path)})")
+    out.line(f"A: {a_path} ({format_of(a_path)})")
+    out.line(f"B: {b_path} ({format_of(b_path)})")
     status = {"same": "same", "different": "DIFFERENT", "missing": "only in A", "extra": "only in B"}
-    out.table([(str(c.key), plural(c.tensors, "tensor") if c.tensors else "",
-                status[c.status] + (f" ({plural(c.differences, 'difference')})" if c.status == "different" else ""))
-               for c in result.components])
+    out.table(
+        [
+            (
+                str(c.key),
+                plural(c.tensors, "tensor") if c.tensors else "",
+                status[c.status] + (f" ({plural(c.differences, 'difference')})" if c.status == "different" else ""),
+            )
+            for c in result.components
+        ]
+    )
     if result.differences:
         out.line("differences:")
         rows = []
@@ -440,9 +428,13 @@ def cmd_diff(out: _Out, args: argparse.Namespace) -> int:
         if len(result.differences) > MAX_SHOWN:
             out.line(f"  ... and {len(result.differences) - MAX_SHOWN} more (--json lists them all)")
         changed = sum(c.status != "same" for c in result.components)
-        out.line(f"DIFFERENT: {plural(len(result.differences), 'difference')} in {changed} of {len(result.components)} components")
+        count = plural(len(result.differences), "difference")
+        out.line(f"DIFFERENT: {count} in {changed} of {len(result.components)} components")
     else:
-        out.line(f"identical: {len(result.components)} components, {result.tensors} tensors, {result.values} values")
+        out.line(
+            f"identical: {plural(len(result.components), 'component')}, {plural(result.tensors, 'tensor')}, "
+            f"{plural(result.values, 'value')}"
+        )
     return code
 
 
@@ -467,17 +459,34 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("inspect", cmd_inspect, "show a checkpoint's format, components, tensors, metadata and class references")
-    p.add_argument("path", help="a safeckpt file, multi-file set (base path or manifest), safetensors or torch.save file")
+    p = command(
+        "inspect", cmd_inspect, "show a checkpoint's format, components, tensors, metadata and class references"
+    )
+    p.add_argument(
+        "path", help="a safeckpt file, multi-file set (base path or manifest), safetensors or torch.save file"
+    )
     p.add_argument("--tensors", action="store_true", help="list every tensor with its dtype and shape")
 
     p = command("convert", cmd_convert, "convert torch.save files to the safe format, never executing them")
-    p.add_argument("paths", nargs="+", metavar="SRC [DST]",
-                   help="SRC DST, SRC (written as SRC.safetensors), a directory, several files, or files then a DST directory")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="SRC [DST]: one file, to DST or to SRC with the suffix .safetensors; or a directory, three or more "
+        "files, or files then an existing DST directory",
+    )
     p.add_argument("--multi", action="store_true", help="write a multi-file set (the destination is its base path)")
-    p.add_argument("--keys", nargs="+", metavar="K", help="components of the multi-file set (default: the seed's three)")
-    p.add_argument("--allow-global", nargs="+", action="extend", metavar="M:Q", default=[],
-                   help="module:qualname to import and rebuild while reading (inert references convert as well)")
+    p.add_argument(
+        "--keys", nargs="+", metavar="K", help="components of the multi-file set (default: the seed's three)"
+    )
+    p.add_argument(
+        "--allow-global",
+        nargs="+",
+        action="extend",
+        metavar="M:Q",
+        default=[],
+        help="module:qualname to import and rebuild while reading (inert references convert as well)",
+    )
     p.add_argument("-r", "--recursive", action="store_true", help="also convert files in subdirectories")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -502,8 +511,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = command("diff", cmd_diff, "compare two checkpoints tensor by tensor; exit 1 when they differ")
-    p.add_argument("a", help="checkpoint A (any supported format)")
-    p.add_argument("b", help="checkpoint B (any supported format)")
+    p.add_argument("a", metavar="A", help="checkpoint A (any supported format)")
+    p.add_argument("b", metavar="B", help="checkpoint B (any supported format)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default: exact)")
     p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default: exact)")
     return parser
@@ -545,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as a process killed by SIGPIPE would
         _silence_stdout()
         return 141
-    except Exception as exc:  # every error becomes one line (and an exit code), a traceback only with --debug
+    except Exception as exc:  # noqa: BLE001  # every error becomes one line and an exit code; a traceback with --debug
         code = _exit_code(exc)
         if args.debug:
             traceback.print_exc()

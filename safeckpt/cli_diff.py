@@ -20,7 +20,7 @@ import torch
 from .cli_report import children, json_key, render_path, summary, walk
 from .refs import OpaqueObject
 
-__all__ = ["Difference", "DiffResult", "diff_states"]
+__all__ = ["DiffResult", "Difference", "diff_states"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,12 @@ class ComponentDiff:
     differences: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": json_key(self.key), "status": self.status, "tensors": self.tensors, "differences": self.differences}
+        return {
+            "key": json_key(self.key),
+            "status": self.status,
+            "tensors": self.tensors,
+            "differences": self.differences,
+        }
 
 
 @dataclass
@@ -96,17 +101,28 @@ def _finite(x: Any) -> float | None:
 
 def _compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[bool, float | None]:
     """(close, max abs difference) of two tensors of one shape; NaNs in the same places are equal."""
-    if a.numel() == 0:
-        return True, 0.0
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.numel() == 0 or (a.dtype == b.dtype and torch.equal(a, b)):
+        return True, 0.0  # the common case of a conversion check, without wide copies
+    if not any(t.is_floating_point() or t.is_complex() for t in (a, b)):  # integers and bools, exactly
+        x, y = a.long(), b.long()
+        delta = (x - y).abs()
+        return bool((delta <= atol + rtol * y.abs()).all()), _finite(delta.max())
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
-    x, y = a.detach().cpu().to(wide), b.detach().cpu().to(wide)
-    if atol == 0 and rtol == 0 and a.dtype == b.dtype and not (a.is_floating_point() or a.is_complex()):
-        same = torch.equal(a.detach().cpu(), b.detach().cpu())  # exact integers: float64 would round int64
-    else:
-        same = bool(torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True).all())
+    x, y = a.to(wide), b.to(wide)
+    same = bool(torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True).all())
     delta = (x - y).abs()
     delta = torch.where(x.isnan() & y.isnan(), torch.zeros_like(delta), delta)
     return same, _finite(delta.max())
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A numeric array as a tensor of its own dtype when torch has it (integers stay exact), else float64/complex128."""
+    native = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(native)
+    except TypeError:
+        return torch.from_numpy(np.asarray(array, dtype=np.complex128 if array.dtype.kind == "c" else np.float64))
 
 
 def _compare_leaf(a: Any, b: Any, atol: float, rtol: float) -> tuple[str | None, float | None]:
@@ -114,14 +130,11 @@ def _compare_leaf(a: Any, b: Any, atol: float, rtol: float) -> tuple[str | None,
     if isinstance(a, (torch.Tensor, np.ndarray)):
         if a.shape != b.shape:
             return "shape", None
+        dtypes_differ = a.dtype != b.dtype
         if isinstance(a, np.ndarray):
-            if a.dtype.kind not in "biufc" or b.dtype.kind not in "biufc":
-                return (None if a.dtype == b.dtype and np.array_equal(a, b) else "value"), None
-            a, b = torch.from_numpy(np.array(a, dtype=np.complex128 if a.dtype.kind == "c" else np.float64)), \
-                torch.from_numpy(np.array(b, dtype=np.complex128 if b.dtype.kind == "c" else np.float64))
-            dtypes_differ = False
-        else:
-            dtypes_differ = a.dtype != b.dtype
+            if a.dtype.kind not in "biufc" or b.dtype.kind not in "biufc":  # strings, objects...
+                return ("dtype" if dtypes_differ else None if np.array_equal(a, b) else "value"), None
+            a, b = _as_tensor(a), _as_tensor(b)
         same, delta = _compare_tensors(a, b, atol, rtol)
         if dtypes_differ:
             return "dtype", delta
@@ -135,7 +148,7 @@ def _compare_leaf(a: Any, b: Any, atol: float, rtol: float) -> tuple[str | None,
         return "value", _finite(delta)
     try:
         same = bool(a == b)
-    except Exception:  # an __eq__ without a truth value
+    except Exception:  # noqa: BLE001  # an __eq__ without a truth value (numpy-like)
         same = repr(a) == repr(b)
     return (None if same else "value"), None
 
@@ -148,8 +161,9 @@ class _Absent:
 _ABSENT: Any = _Absent()
 
 
-def diff_states(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0,
-                advance: Callable[[int], None] | None = None) -> DiffResult:
+def diff_states(
+    a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0, advance: Callable[[int], None] | None = None
+) -> DiffResult:
     """Compare two loaded checkpoints.
 
     Args:
@@ -193,8 +207,15 @@ def diff_states(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0,
                 continue
         if kind in ("missing", "extra", "type"):
             skipped.add(path)
-        result.differences.append(Difference(
-            render_path(path), kind, None if x is _ABSENT else summary(x), None if y is _ABSENT else summary(y), delta))
+        result.differences.append(
+            Difference(
+                render_path(path),
+                kind,
+                None if x is _ABSENT else summary(x),
+                None if y is _ABSENT else summary(y),
+                delta,
+            )
+        )
         component.differences += 1
         if kind in ("missing", "extra") and rooted and len(path) == 1:
             component.status = kind

@@ -1,4 +1,5 @@
-"""What the ``safeckpt`` command line shows: file views, value summaries, sizes and a progress bar.
+"""What the ``safeckpt`` command line reads and shows: file views, value summaries, the checks of
+``verify``, sizes and a progress bar.
 
 Nothing here prints to stdout; :mod:`safeckpt.cli` decides what goes where.
 A :class:`FileView` describes any checkpoint safeckpt reads (safeckpt single
@@ -13,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,9 +25,10 @@ import torch
 from .checkpoint import Checkpoint
 from .container import read_header
 from .detect import Kind, detect
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, IntegrityError
 from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS
+from .loading import load_multi_files
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import GlobalRef, OpaqueObject
 from .tensors import dtype_name
@@ -37,17 +39,23 @@ __all__ = [
     "Progress",
     "TensorRow",
     "children",
+    "collect_files",
+    "component_keys",
+    "count_tensors",
+    "format_of",
     "human_bytes",
     "is_multi",
     "json_key",
     "plural",
     "render_path",
     "summary",
+    "verify_file",
     "view_file",
     "walk",
 ]
 
 META = torch.device("meta")
+ProgressFactory = Callable[..., "Progress"]  # (label, total, unit) -> a Progress
 TORCH_KINDS = (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
 
 
@@ -122,8 +130,13 @@ def children(value: Any) -> list[tuple[Any, Any]] | None:
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
         return list(enumerate(value))
     if isinstance(value, OpaqueObject):
-        parts = [("args", value.args), ("kwargs", value.kwargs), ("state", value.state),
-                 ("list_items", value.list_items), ("dict_items", value.dict_items)]
+        parts = [
+            ("args", value.args),
+            ("kwargs", value.kwargs),
+            ("state", value.state),
+            ("list_items", value.list_items),
+            ("dict_items", value.dict_items),
+        ]
         return [(Attr(name), part) for name, part in parts if part not in (None, (), {})]
     return None
 
@@ -235,8 +248,9 @@ class FileView:
     def total_bytes(self) -> int:
         return sum(c.nbytes for c in self.components)
 
-    def add(self, key: Any, value: Any, *, stored: tuple[int, int, list[str]] | None = None,
-            file: str | None = None) -> None:
+    def add(
+        self, key: Any, value: Any, *, stored: tuple[int, int, list[str]] | None = None, file: str | None = None
+    ) -> None:
         """Add component ``key`` holding ``value`` (tensors may be on ``meta``), collecting its class references.
 
         ``stored`` is ``(count, bytes, dtypes)`` when the header knows them.
@@ -244,8 +258,14 @@ class FileView:
         rows = []
         for path, node in walk(value):
             if isinstance(node, torch.Tensor):
-                rows.append(TensorRow(render_path(path) if path else str(key), dtype_name(node.dtype),
-                                      tuple(node.shape), node.numel() * node.element_size()))
+                rows.append(
+                    TensorRow(
+                        render_path(path) if path else str(key),
+                        dtype_name(node.dtype),
+                        tuple(node.shape),
+                        node.numel() * node.element_size(),
+                    )
+                )
             elif isinstance(node, (GlobalRef, OpaqueObject)):
                 name = node.name if isinstance(node, GlobalRef) else node.cls.name
                 self.class_refs.setdefault(name, []).append(render_path((key, *path)))
@@ -290,8 +310,17 @@ def _add_safe_file(view: FileView, path: Path, progress: Progress | None, *, fil
         if not ckpt.is_safeckpt:  # a plain safetensors file: every tensor is a component, all in the header
             for entry in read_header(path, DEFAULT_LIMITS).entries.values():
                 row = TensorRow(entry.name, dtype_name(entry.dtype), entry.shape, entry.nbytes)
-                view.components.append(ComponentView(
-                    entry.name, f"tensor {row.dtype} {shape_text(row.shape)}", [row], 1, row.nbytes, [row.dtype], file))
+                view.components.append(
+                    ComponentView(
+                        entry.name,
+                        f"tensor {row.dtype} {shape_text(row.shape)}",
+                        [row],
+                        1,
+                        row.nbytes,
+                        [row.dtype],
+                        file,
+                    )
+                )
             return
         info = ckpt.info()
         cpu: Checkpoint | None = None
@@ -376,6 +405,116 @@ def _view_multi(path: Path, progress: Progress | None) -> FileView:
     return view
 
 
+# --------------------------------------------------------------------------- checks shared by several commands
+
+
+def format_of(path: Path) -> str:
+    """The format name ``inspect`` reports, from the bytes (and the set's files for a multi-file set)."""
+    if is_multi(path):
+        return "safeckpt-multi"
+    kind = detect(path)
+    if kind is Kind.SAFETENSORS:
+        with Checkpoint(path, device=META) as ckpt:
+            return "safeckpt" if ckpt.is_safeckpt else "safetensors"
+    return "safeckpt-component" if kind is Kind.SKELETON else kind.value
+
+
+def collect_files(paths: Sequence[str], recursive: bool, wanted: Callable[[Path], bool]) -> list[Path]:
+    """Files named on the command line, with directories replaced by the files in them that ``wanted`` accepts."""
+    found: list[Path] = []
+    for name in paths:
+        p = Path(name)
+        if p.is_dir():
+            inside = sorted(p.rglob("*") if recursive else p.iterdir())
+            found.extend(f for f in inside if f.is_file() and not f.name.startswith(".") and wanted(f))
+        else:
+            found.append(p)
+    return found
+
+
+def component_keys(path: Path) -> list[Any]:
+    """The top-level keys of a single file (safe or legacy), reading no tensor bytes."""
+    kind = detect(path)
+    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
+        with Checkpoint(path, device=META) as ckpt:
+            return ckpt.components()
+    value = read_torch_file(path, device=META, limits=DEFAULT_LIMITS).value
+    if not isinstance(value, dict):
+        raise TypeError(f"{path} holds a {type(value).__name__}, not a dict of components")
+    return list(value)
+
+
+def count_tensors(value: Any) -> int:
+    """How many tensors ``value`` holds, at any depth."""
+    return sum(isinstance(node, torch.Tensor) for _, node in walk(value))
+
+
+def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
+    """Check ``path`` as ``safeckpt verify`` does.
+
+    Returns:
+        ``format``, ``digests`` (whether digests were recorded and checked), ``components`` and ``tensors``.
+
+    Raises:
+        IntegrityError: on a digest mismatch, or a file missing from a set.
+        CheckpointFormatError: if the structure does not decode.
+    """
+    if is_multi(path):
+        manifest_file = find_manifest(path)
+        keys = (
+            [e.key for e in read_manifest(manifest_file, DEFAULT_LIMITS).entries]
+            if manifest_file
+            else list(discover(path))
+        )
+        tensors = 0
+        with progress(f"verifying {path}", len(keys)) as bar:
+            for key in keys:
+                try:
+                    value = load_multi_files(path, [key], verify=manifest_file is not None)[key]
+                except FileNotFoundError as exc:  # the manifest names a file that is gone: an incomplete set
+                    raise IntegrityError(
+                        f"{manifest_file} lists component {key!r}, whose file {exc.filename} is "
+                        "missing: the set is incomplete",
+                        tensor_name=key,
+                        file=exc.filename,
+                    ) from exc
+                tensors += count_tensors(value)
+                bar.advance()
+        return {
+            "format": "safeckpt-multi",
+            "digests": manifest_file is not None,
+            "components": len(keys),
+            "tensors": tensors,
+        }
+    kind = detect(path)
+    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
+        header = read_header(path, DEFAULT_LIMITS) if kind is Kind.SAFETENSORS else None
+        entries = header.entries if header is not None else {}
+        digests = header is not None and header.digests() is not None
+        with Checkpoint(path, verify=digests) as ckpt:  # the skeleton's digest is checked on opening
+            fmt = "safeckpt" if ckpt.is_safeckpt else "safetensors"
+            with progress(f"verifying {path}", sum(e.nbytes for e in entries.values()), "bytes") as bar:
+                for name in ckpt.tensor_names():
+                    ckpt.get_tensor(name)
+                    bar.advance(entries[name].nbytes)
+        with Checkpoint(path) as ckpt:  # structure: every component decodes
+            components = len(ckpt.load())
+        return {
+            "format": fmt if kind is Kind.SAFETENSORS else "safeckpt-component",
+            "digests": digests,
+            "components": components,
+            "tensors": len(entries),
+        }
+    legacy = read_torch_file(path, device=torch.device("cpu"), limits=DEFAULT_LIMITS)  # the no-exec reader
+    state = legacy.value
+    return {
+        "format": legacy.format,
+        "digests": False,
+        "components": len(state) if isinstance(state, Mapping) else 1,
+        "tensors": count_tensors(state),
+    }
+
+
 # --------------------------------------------------------------------------- progress bar
 
 
@@ -396,8 +535,16 @@ class Progress:
 
     WIDTH = 24
 
-    def __init__(self, label: str, total: int, *, enabled: bool = True, unit: str = "",
-                 stream: TextIO | None = None, delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        enabled: bool = True,
+        unit: str = "",
+        stream: TextIO | None = None,
+        delay: float = 1.0,
+    ) -> None:
         self.stream = sys.stderr if stream is None else stream
         self.label = label
         self.total = total
