@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -36,6 +37,24 @@ from .tensors import dtype_name
 __all__ = ["Checkpoint", "ComponentInfo"]
 
 _SAFE_OPEN_DEVICES = ("cpu", "cuda")
+
+
+def _is_key(key: Any, depth: int = 0) -> bool:
+    """A usable component key: hashable, and no tensor or array anywhere inside it."""
+    if isinstance(key, (torch.Tensor, np.ndarray)) or depth > 100:
+        return False
+    if type(key) in (tuple, frozenset):
+        return all(_is_key(k, depth + 1) for k in key)
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    """Key equality that also matches nan with nan."""
+    return a is b or (type(a) is type(b) and (a == b or (a != a and b != b)))
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,7 @@ class Checkpoint:
         self._limits = limits
         self._handle: Any = None
         self._handed_out: set[str] = set()
+        self._keys: list[Any] | None = None
         self._root: Root | None = None
         self._digests: dict[str, str] = {}
         if detect(self.path) is Kind.SKELETON:  # a multi-file component without tensors
@@ -140,7 +160,7 @@ class Checkpoint:
         if self._root is None or not meta:
             return dict(meta)
         return {
-            "format_version": int(meta[META_VERSION]),
+            "format_version": int(meta[META_VERSION]),  # validated when the skeleton was read
             "library_version": meta.get(META_LIBRARY),
             "torch_version": meta.get(META_TORCH),
             "created": meta.get(META_CREATED),
@@ -150,8 +170,27 @@ class Checkpoint:
         """The top-level keys of the state, in order."""
         if self._root is None:
             return list(self._header.entries)
-        decoder = self._decoder()
-        return [decoder.unpack(key, "a component key") for key, _, _ in self._root.components]
+        if self._keys is None:
+            decoder = self._decoder()
+            keys = [decoder.unpack(key, "a component key") for key, _, _ in self._root.components]
+            for key in keys:
+                if not _is_key(key):
+                    raise CheckpointFormatError(
+                        f"{self.path}: a component key is a {type(key).__name__}, not a hashable value", file=str(self.path)
+                    )
+            self._keys = keys
+        return list(self._keys)
+
+    def _index(self, component: Any) -> int:
+        for i, key in enumerate(self.components()):
+            if _same_key(key, component):
+                return i
+        raise ComponentNotFoundError(
+            f"no component {component!r:.100} in {self.path}; it has {self.components()!r:.300}",
+            name=component,
+            available=self.components(),
+            file=str(self.path),
+        )
 
     @property
     def has_digests(self) -> bool:
@@ -226,16 +265,8 @@ class Checkpoint:
         """
         if self._root is None:
             return self.get_tensor(component)
-        decoder = self._decoder()
-        for key, _, value in self._root.components:
-            if decoder.unpack(key, "a component key") == component:
-                return decoder.unpack(value, f"component {component!r}")
-        raise ComponentNotFoundError(
-            f"no component {component!r} in {self.path}; it has {self.components()!r:.300}",
-            name=component,
-            available=self.components(),
-            file=str(self.path),
-        )
+        _, _, value = self._root.components[self._index(component)]
+        return self._decoder().unpack(value, f"component {component!r:.100}")
 
     def load(self) -> dict[Any, Any]:
         """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors)."""
@@ -243,13 +274,8 @@ class Checkpoint:
             return {name: self.get_tensor(name) for name in self._header.entries}
         decoder = self._decoder()
         state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
-        for key, _, value in self._root.components:
-            name = decoder.unpack(key, "a component key")
-            try:
-                duplicate = name in state
-            except TypeError as exc:
-                raise CheckpointFormatError(f"{self.path}: a component key is unhashable", file=str(self.path)) from exc
-            if duplicate:
+        for name, (_, _, value) in zip(self.components(), self._root.components):
+            if name in state:
                 raise CheckpointFormatError(f"{self.path}: component {name!r:.100} appears twice", file=str(self.path))
             state[name] = decoder.unpack(value, f"component {name!r:.100}")
         if self._root.attrs is not None:

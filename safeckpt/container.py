@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ META_TORCH = "safeckpt.torch_version"
 META_CREATED = "safeckpt.created"
 DATA_ALIGNMENT = 64
 DIGEST_PREFIX = "sha256:"
+_VERSION = re.compile(r"[0-9]{1,9}\Z")
 _HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed while the previous one is written
 
 
@@ -317,7 +319,7 @@ class Root:
 def skeleton_bytes(header: Header, limits: Limits) -> bytes:
     """The raw msgpack skeleton of a safeckpt file (version-checked, base64-decoded)."""
     version = header.metadata.get(META_VERSION, "")
-    if not version.isdigit():
+    if not _VERSION.match(version):
         raise _bad(header.path, f"missing or malformed {META_VERSION}")
     if int(version) > FORMAT_VERSION:
         raise _bad(header.path, f"written in safeckpt format version {version}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
@@ -353,7 +355,7 @@ def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = Fals
             raw,
             raw=False,
             strict_map_key=True,
-            max_array_len=limits.max_components,
+            max_array_len=max(limits.max_components + 1, 3),  # one past, so the check below names the limit
             max_map_len=16,
             max_bin_len=limits.max_skeleton_bytes,
             max_str_len=limits.max_str_len,

@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,15 @@ def _bad(path: Path, message: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: {message}", file=str(path))
 
 
+def _encodable(name: str) -> bool:
+    try:
+        return len(os.fsencode(name)) <= 255
+    except UnicodeError:
+        return False
+
+
 def _safe_file_name(path: Path, name: Any) -> str:
-    if not _is_plain_name(name) or os.path.isabs(name) or Path(name).name != name:
+    if not _is_plain_name(name) or not _encodable(name) or os.path.isabs(name) or Path(name).name != name:
         raise _bad(path, f"manifest names {name!r:.200}, which is not a file in the manifest's directory; refused")
     return name
 
@@ -221,7 +229,15 @@ def check_entry(manifest: Manifest, entry: ManifestEntry, *, verify: bool, limit
         IntegrityError: if its size or digest differs (a torn or tampered set).
     """
     file = manifest.file(entry)
-    size = file.stat().st_size
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _bad(manifest.path, f"cannot read component file {entry.file!r}: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise _bad(manifest.path, f"component file {entry.file!r} is not a regular file")
+    size = info.st_size
     if size != entry.size:
         raise IntegrityError(
             f"{file} is {size} bytes, the manifest {manifest.path.name} says {entry.size}: "

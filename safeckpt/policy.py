@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import _compat_pickle
 
-__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "DANGEROUS_PREFIXES", "classify"]
+__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "DANGEROUS_PREFIXES", "canonical", "classify"]
 
 _STORAGE_TYPES = (
     "Double Float Half BFloat16 Long Int Short Char Byte Bool ComplexDouble ComplexFloat "
@@ -128,42 +128,48 @@ def _in_module(module: str, names: frozenset[str]) -> bool:
 
 
 def _spellings(module: str, qualname: str) -> list[tuple[str, str]]:
-    """The name as written and as Python 3's unpickler maps Python 2 names (``commands:Popen``
-    is ``subprocess:Popen`` to ``pickle.load``)."""
+    """The name as written, then as Python 3's unpickler maps Python 2 names (``commands:Popen``
+    is ``subprocess:Popen`` to ``pickle.load``); the last one is what would be imported."""
     names = [(module, qualname)]
     mapped = _compat_pickle.NAME_MAPPING.get((module, qualname))
     if mapped:
         names.append(mapped)
-    if module in _compat_pickle.IMPORT_MAPPING:
+    elif module in _compat_pickle.IMPORT_MAPPING:
         names.append((_compat_pickle.IMPORT_MAPPING[module], qualname))
     return names
+
+
+def canonical(module: str, qualname: str) -> str:
+    """``"module:qualname"`` as Python 3's unpickler would resolve it."""
+    return "%s:%s" % _spellings(module, qualname)[-1]
+
+
+def _listed(module: str, qualname: str) -> bool:
+    """On the blocklist: a dangerous module, global or prefix, or reached through a dunder
+    attribute or a dangerous module held as an attribute (``torch._utils:os.system``)."""
+    name = f"{module}:{qualname}"
+    parts = qualname.split(".")
+    return (
+        _in_module(module, DANGEROUS_MODULES)
+        or name in DANGEROUS_GLOBALS
+        or name.startswith(DANGEROUS_PREFIXES)
+        or any(p.startswith("__") and p.endswith("__") for p in parts)
+        or any(_in_module(".".join(parts[:i]), DANGEROUS_MODULES) for i in range(1, len(parts)))
+    )
 
 
 def classify(module: str, qualname: str) -> str:
     """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only.
 
-    A name is dangerous when any spelling of it (see :func:`_spellings`) is, and
-    when its qualname walks through a dunder attribute (``__globals__``,
-    ``__builtins__``...) or through a dangerous module held as an attribute
-    (``torch._utils:os.system``).
+    Dangerous when any spelling of it is on the blocklist; otherwise decided on the
+    name Python 3 would import: allowed when on the allowlist, dangerous for any
+    other builtin, unknown for the rest.
     """
-    statuses = [_classify_one(m, q) for m, q in _spellings(module, qualname)]
-    if "dangerous" in statuses:
+    spellings = _spellings(module, qualname)
+    if any(_listed(m, q) for m, q in spellings):
         return "dangerous"
-    return statuses[0]
-
-
-def _classify_one(module: str, qualname: str) -> str:
-    name = f"{module}:{qualname}"
-    parts = qualname.split(".")
-    if any(p.startswith("__") and p.endswith("__") for p in parts) or any(
-        _in_module(".".join(parts[:i]), DANGEROUS_MODULES) for i in range(1, len(parts))
-    ):
-        return "dangerous"
-    if _in_module(module, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS or name.startswith(DANGEROUS_PREFIXES):
-        return "dangerous"
-    if name in ALLOWED:
+    if any(f"{m}:{q}" in ALLOWED for m, q in spellings):
         return "allowed"
-    if module in _BUILTIN_MODULES:
+    if spellings[-1][0] in _BUILTIN_MODULES:
         return "dangerous"
     return "unknown"

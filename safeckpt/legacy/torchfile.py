@@ -32,7 +32,7 @@ from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..limits import Limits
 from ..refs import GlobalRef
 from .rebuild import Rebuilder, StorageRef, StorageType
-from .vm import Report, SymbolicUnpickler
+from .vm import Report, SymbolicUnpickler, check_depth
 
 __all__ = ["LegacyFile", "read_torch_file"]
 
@@ -187,7 +187,10 @@ def _read_zip(reader: _Reader) -> Any:
         if len(pickles) != 1:
             raise CheckpointFormatError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}", file=path)
         prefix = pickles[0][: -len("data.pkl")]
-        order = archive.read(prefix + "byteorder").decode("ascii", "replace") if prefix + "byteorder" in names else "little"
+        order_info = names.get(prefix + "byteorder")
+        if order_info is not None and order_info.file_size > 16:
+            raise CheckpointFormatError(f"{path}: byteorder member is {order_info.file_size} bytes", file=path)
+        order = archive.read(order_info).decode("ascii", "replace") if order_info is not None else "little"
         if order not in ("little", "big"):
             raise CheckpointFormatError(f"{path}: unknown byteorder {order!r:.20}", file=path)
         info = names[pickles[0]]
@@ -198,10 +201,9 @@ def _read_zip(reader: _Reader) -> Any:
         def member_bytes(member: zipfile.ZipInfo, itemsize: int) -> torch.Tensor:
             if member.file_size == 0:
                 return torch.empty(0, dtype=torch.uint8)
-            if member.compress_type == zipfile.ZIP_STORED:
-                tensor = reader.file_bytes(_member_offset(raw, member, size), member.file_size)
-            else:
-                tensor = torch.frombuffer(bytearray(archive.read(member)), dtype=torch.uint8)
+            if member.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses storages
+                raise CheckpointFormatError(f"{path}: storage member {member.filename} is compressed", file=path)
+            tensor = reader.file_bytes(_member_offset(raw, member, size), member.file_size)
             if order == "big" and itemsize > 1:
                 swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
                 tensor = torch.from_numpy(swapped)
@@ -373,8 +375,11 @@ def read_torch_file(
         _finish(report, name)  # a dangerous name found before the error wins
         exc.file = exc.file or name
         raise
-    except (OSError, ValueError, EOFError, struct.error, zipfile.BadZipFile, RuntimeError, MemoryError) as exc:
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # zlib/lzma errors, OSError, struct.error...: all malformed input
         _finish(report, name)
         raise CheckpointFormatError(f"{name}: {type(exc).__name__}: {exc}", file=name) from exc
     _finish(report, name)
+    check_depth(value, limits.max_depth)
     return LegacyFile(value, fmt, report)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,18 +138,23 @@ class SymbolicUnpickler:
             CheckpointFormatError: for malformed pickles (``LimitExceededError`` past limits).
         """
         try:
-            for opcode, arg, pos in pickletools.genops(self._source):
-                self._pos = pos
-                handler = getattr(self, "op_" + opcode.name, None)
-                if handler is None:
-                    raise self._error(f"opcode {opcode.name} is not supported")
-                if opcode.name == "STOP":
-                    return self._finish(self._pop())
-                handler(arg)
+            with warnings.catch_warnings():  # protocol 0 strings with odd escapes warn inside pickletools
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return self._run()
         except CheckpointFormatError:
             raise
         except Exception as exc:  # malformed input surfaces as anything: wrap it
             raise self._error(f"{type(exc).__name__}: {exc}") from exc
+
+    def _run(self) -> Any:
+        for opcode, arg, pos in pickletools.genops(self._source):
+            self._pos = pos
+            handler = getattr(self, "op_" + opcode.name, None)
+            if handler is None:
+                raise self._error(f"opcode {opcode.name} is not supported")
+            if opcode.name == "STOP":
+                return self._finish(self._pop())
+            handler(arg)
         raise self._error("pickle ended without STOP")
 
     def _error(self, message: str) -> CheckpointFormatError:
@@ -445,8 +451,9 @@ class SymbolicUnpickler:
         self._report.use(ref, "referenced")
         if policy.classify(module, qualname) == "dangerous":
             self._report.find("dangerous-global", "dangerous", f"names {name}", self._pos)
-        if name in self._values:
-            self._push(self._values[name])
+        value_name = name if name in self._values else policy.canonical(module, qualname)
+        if value_name in self._values:
+            self._push(self._values[value_name])
         else:
             self._push(ref)
 
@@ -481,7 +488,11 @@ class SymbolicUnpickler:
             raise self._error(f"arguments of {factory.name} are a {type(args).__name__}, not a tuple")
         args = tuple(self._settle(a) for a in args)
         status = policy.classify(factory.module, factory.qualname)
-        implementation = self._calls.get(factory.name) if status == "allowed" else None
+        implementation = None
+        if status == "allowed":
+            implementation = self._calls.get(factory.name) or self._calls.get(
+                policy.canonical(factory.module, factory.qualname)
+            )
         if implementation is not None and not kwargs:
             self._check_hashable_depth(args)  # set(), frozenset(), OrderedDict() hash what they get
             try:
@@ -583,3 +594,35 @@ class SymbolicUnpickler:
 def make_pending(finish: Callable[[Any], Any], placeholder: OpaqueObject) -> _Pending:
     """A value completed by a later BUILD (``finish(state)``), or ``placeholder`` if none comes."""
     return _Pending(finish, placeholder)
+
+
+def check_depth(value: Any, limit: int) -> None:
+    """Refuse a value nested deeper than ``limit`` (an iterative walk, each container once).
+
+    Raises:
+        LimitExceededError: naming ``max_depth``.
+    """
+    seen: set[int] = set()
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, OpaqueObject):
+            children: Any = (*item.args, *item.kwargs.values(), item.state, *(item.list_items or ()))
+            children = (*children, *(x for pair in item.dict_items or () for x in pair))
+        elif isinstance(item, dict):
+            children = (*item.keys(), *item.values())
+        elif type(item) in (list, tuple, set, frozenset):
+            children = item
+        else:
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if depth >= limit:
+            raise LimitExceededError(
+                f"the pickle's value is nested deeper than Limits.max_depth={limit}",
+                limit="max_depth",
+                maximum=limit,
+                actual=depth + 1,
+            )
+        stack.extend((child, depth + 1) for child in children)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""atheris harness for the scanner.
+
+safeckpt.scan on any bytes; the report must be well formed and must call dangerous every
+global that Python 3's pickle would resolve to a dangerous one.
+Only SafeCkptError is an expected outcome; any other exception is a crash.
+
+    python fuzz/fuzz_scan.py CORPUS_DIR [SEED_DIR] [libFuzzer flags]   # fuzz
+    python fuzz/fuzz_scan.py crash-<sha1>                              # replay one input
+"""
+
+import os
+import sys
+
+import atheris
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Heavy dependencies first, so that only safeckpt is instrumented.
+import msgpack  # noqa: F401
+import numpy  # noqa: F401
+import safetensors  # noqa: F401
+import torch  # noqa: F401
+
+with atheris.instrument_imports(include=["safeckpt"]):
+    import safeckpt  # noqa: F401
+    import targets
+
+HARNESS = "scan"
+TARGET = targets.scan_target
+
+
+KEEP_GOING = os.environ.get("SAFECKPT_FUZZ_KEEP_GOING")  # set by run.py --keep-going
+
+
+def TestOneInput(data: bytes) -> None:
+    if not KEEP_GOING:
+        TARGET(data)  # anything but SafeCkptError escapes: a crash
+        return
+    try:
+        TARGET(data)
+    except Exception as exc:  # triage mode only: record each distinct crash once, go on
+        targets.record_crash(KEEP_GOING, HARNESS, data, exc)
+
+
+def main() -> None:
+    targets.workdir()  # per-process set-up before the first input
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
