@@ -27,7 +27,6 @@ def detect(path: str | os.PathLike[str]) -> Kind:
         FileNotFoundError: if there is no such file.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
         head = f.read(16)
     if len(head) >= 9:
         (length,) = struct.unpack("<Q", head[:8])

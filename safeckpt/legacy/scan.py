@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import policy
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..limits import DEFAULT_LIMITS, Limits
-from .. import policy
 from .torchfile import read_torch_file
 from .vm import Finding, Report
 

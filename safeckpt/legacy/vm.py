@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
+from .. import policy
 from ..errors import CheckpointFormatError, LimitExceededError
 from ..limits import Limits
 from ..refs import GlobalRef, OpaqueObject
-from .. import policy
 
 __all__ = ["Finding", "Report", "SymbolicUnpickler"]
 
