@@ -30,13 +30,13 @@ from .container import (
 )
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
+from .io import map_file
 from .limits import DEFAULT_LIMITS, Limits
 from .refs import AllowList
 from .tensors import dtype_name
 
 __all__ = ["Checkpoint", "ComponentInfo"]
 
-_SAFE_OPEN_DEVICES = ("cpu", "cuda")
 
 
 def _is_key(key: Any, depth: int = 0) -> bool:
@@ -106,7 +106,8 @@ class Checkpoint:
         self._allow = AllowList(allowed_globals)
         self._verify = verify
         self._limits = limits
-        self._handle: Any = None
+        self._handle: Any = None  # safetensors' reader, for loads straight to CUDA
+        self._mapping: np.ndarray | None = None  # the file, mapped copy-on-write, for everything else
         self._handed_out: set[str] = set()
         self._keys: list[Any] | None = None
         self._root: Root | None = None
@@ -139,7 +140,7 @@ class Checkpoint:
 
     def close(self) -> None:
         """Release the file mapping. Tensors already returned stay valid."""
-        self._handle = None
+        self._handle = self._mapping = None
         self._handed_out.clear()
 
     def __repr__(self) -> str:
@@ -247,15 +248,23 @@ class Checkpoint:
                 f"no tensor {name!r} in {self.path}", name=name, available=list(self._header.entries)[:20], file=str(self.path)
             )
         if name in self._handed_out:  # the mapping is private copy-on-write: a caller may have written to it
-            self._handle = None
+            self._handle = self._mapping = None
             self._handed_out.clear()
-        tensor = self._open().get_tensor(name)
         self._handed_out.add(name)
+        if self.device.type == "cuda":  # safetensors copies straight from the file to the GPU
+            tensor = self._open().get_tensor(name)
+            if self._verify and name in self._digests:
+                self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
+            return tensor
+        info = self._header.entries[name]
+        if self._mapping is None:
+            self._mapping = map_file(self.path)
+        start = self._header.data_start + info.begin
+        raw = self._mapping[start : start + info.nbytes]
         if self._verify and name in self._digests:
-            self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
-        if self.device.type not in _SAFE_OPEN_DEVICES:
-            tensor = tensor.to(self.device)
-        return tensor
+            self._check_digest(name, raw, self._digests[name])
+        tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def get(self, component: Any) -> Any:
         """One component of the state, decoding only its part of the skeleton and reading only its tensors.
@@ -292,9 +301,8 @@ class Checkpoint:
 
     def _open(self) -> Any:
         if self._handle is None:
-            device = str(self.device) if self.device.type in _SAFE_OPEN_DEVICES else "cpu"
             try:
-                self._handle = safe_open(str(self.path), framework="pt", device=device)
+                self._handle = safe_open(str(self.path), framework="pt", device=str(self.device))
             except Exception as exc:
                 raise CheckpointFormatError(f"{self.path}: safetensors could not open it: {exc}", file=str(self.path)) from exc
         return self._handle

@@ -16,6 +16,7 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
 import torch
@@ -187,8 +188,7 @@ def write_single(f: BinaryIO, encoded: Encoded) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor entry of a safetensors header. Offsets are relative to the data section."""
 
     name: str
@@ -273,7 +273,7 @@ def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
     infos = []
     for key, spec in header.items():
         infos.append(_tensor_info(name, key, spec, limits, data_size))
-    infos.sort(key=lambda info: (info.begin, info.end))
+    infos.sort(key=_by_offsets)
     position = 0
     for info in infos:
         if info.begin != position:
@@ -284,26 +284,35 @@ def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
     return Header(name, {info.name: info for info in infos}, metadata, 8 + length, size)
 
 
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _by_offsets(info: TensorInfo) -> tuple[int, int]:
+    return info.begin, info.end
+
+
 def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int) -> TensorInfo:
-    if type(spec) is not dict or set(spec) != {"dtype", "shape", "data_offsets"}:
+    # Runs once per tensor of every file opened: kept to plain, cheap checks.
+    if type(spec) is not dict or spec.keys() != _ENTRY_KEYS:
         raise _bad(path, f"malformed header entry for tensor {name!r:.200}")
     dtype = DTYPES_FROM_SAFETENSORS.get(spec["dtype"]) if type(spec["dtype"]) is str else None
+    shape, offsets = spec["shape"], spec["data_offsets"]
     if dtype is None:
         raise _bad(path, f"tensor {name!r:.200} has unknown dtype {spec['dtype']!r:.50}")
-    shape, offsets = spec["shape"], spec["data_offsets"]
-    if type(shape) is not list or not all(type(v) is int and v >= 0 for v in shape):
+    if type(shape) is not list:
         raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
-    limits.check("max_dims", len(shape), what=f"the rank of tensor {name!r:.200}", file=path)
-    if type(offsets) is not list or len(offsets) != 2 or not all(type(v) is int for v in offsets):
+    for v in shape:
+        if type(v) is not int or v < 0:
+            raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
+    if len(shape) > limits.max_dims:
+        limits.check("max_dims", len(shape), what=f"the rank of tensor {name!r:.200}", file=path)
+    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _bad(path, f"tensor {name!r:.200} spans bytes [{begin}, {end}) outside the {data_size}-byte data section")
-    numel = 1
-    for size in shape:
-        numel *= size
-    if numel * dtype.itemsize != end - begin:
-        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {numel * dtype.itemsize} bytes, has {end - begin}")
+    if math.prod(shape) * dtype.itemsize != end - begin:
+        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 

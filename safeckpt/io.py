@@ -10,6 +10,7 @@ that died (their pid is gone) are removed by the next save to the same path.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import shutil
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir"]
+import numpy as np
+
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "map_file"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -93,3 +96,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             write(f)
             f.flush()
     return Path(path)
+
+
+def map_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """The whole file as a flat ``uint8`` array over one private copy-on-write mapping.
+
+    Slices of it are zero-copy views; writing to them never reaches the file, and
+    the page cache is shared with every other process mapping the same file.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)

@@ -16,7 +16,6 @@ and are refused.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import pickletools
 import struct
@@ -29,6 +28,7 @@ import torch
 
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
+from ..io import map_file
 from ..limits import Limits
 from ..refs import GlobalRef
 from .rebuild import Rebuilder, StorageRef, StorageType
@@ -131,8 +131,7 @@ class _Reader:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self._mapping is None:
-            with open(self.path, "rb") as f:
-                self._mapping = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+            self._mapping = map_file(self.path)
         if offset < 0 or offset + nbytes > self._mapping.size:
             raise CheckpointFormatError(f"{self.path}: storage bytes [{offset}, {offset + nbytes}) outside the file")
         return torch.from_numpy(self._mapping[offset : offset + nbytes])
