@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import datetime
 import functools
 import hashlib
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +62,9 @@ META_CREATED = "safeckpt.created"
 DATA_ALIGNMENT = 64
 DIGEST_PREFIX = "sha256:"
 _VERSION = re.compile(r"[0-9]{1,9}\Z")
-_HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed while the previous one is written
+_HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed by worker threads while writing goes on
+_HASH_THREADS = min(2, os.cpu_count() or 1)
+_MAX_PENDING_HASH = 512 << 20  # bytes written but not yet hashed
 
 
 # --------------------------------------------------------------------------- encoding a state
@@ -140,26 +144,54 @@ def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
     """Stream every entry's bytes to ``f``; return their SHA-256 digests (hex) in order.
 
-    Large entries are hashed on a worker thread while the file write runs (both
-    release the GIL), so hashing costs little on top of the write.
+    Large entries are hashed by worker threads while the main thread writes (hashlib
+    and file writes both release the GIL). At most ``_MAX_PENDING_HASH`` bytes wait
+    for a hash, which bounds the memory held by temporary copies (CUDA tensors,
+    non-contiguous ones). Once everything is written, the data is flushed to disk
+    while the last hashes finish, so the final fsync has little left to do.
     """
     digests: list[str | Future[str]] = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    pending: collections.deque[tuple[Future[str], int]] = collections.deque()
+    pending_bytes = 0
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
         for entry in entries:
             data = entry.cpu_bytes()
             if data.numel() != entry.nbytes:
                 raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
             view = data.numpy()
             if entry.nbytes >= _HASH_IN_THREAD:
-                digests.append(pool.submit(lambda v=view: hashlib.sha256(v).hexdigest()))
+                future = pool.submit(_sha256, view)
+                digests.append(future)
+                pending.append((future, entry.nbytes))
+                pending_bytes += entry.nbytes
+                while pending_bytes > _MAX_PENDING_HASH:
+                    done, size = pending.popleft()
+                    done.result()
+                    pending_bytes -= size
             else:
-                digests.append(hashlib.sha256(view).hexdigest())
+                digests.append(_sha256(view))
             if entry.nbytes:
                 f.write(view)
-    return [d if isinstance(d, str) else d.result() for d in digests]
+        f.flush()
+        syncer = threading.Thread(target=_datasync, args=(f.fileno(),), daemon=True)
+        syncer.start()
+        result = [d if isinstance(d, str) else d.result() for d in digests]
+    syncer.join()
+    return result
+
+
+def _datasync(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:  # the caller's own fsync reports real failures
+        pass
 
 
 def write_single(f: BinaryIO, encoded: Encoded) -> None:
