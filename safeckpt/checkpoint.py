@@ -243,6 +243,9 @@ class Checkpoint:
         Raises:
             ComponentNotFoundError: if there is no tensor of that name.
         """
+        return self._read(name, self.device)
+
+    def _read(self, name: str, device: torch.device) -> torch.Tensor:
         if name not in self._header.entries:
             raise ComponentNotFoundError(
                 f"no tensor {name!r} in {self.path}", name=name, available=list(self._header.entries)[:20], file=str(self.path)
@@ -251,7 +254,7 @@ class Checkpoint:
             self._handle = self._mapping = None
             self._handed_out.clear()
         self._handed_out.add(name)
-        if self.device.type == "cuda":  # safetensors copies straight from the file to the GPU
+        if device.type == "cuda":  # safetensors copies straight from the file to the GPU
             tensor = self._open().get_tensor(name)
             if self._verify and name in self._digests:
                 self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
@@ -264,7 +267,7 @@ class Checkpoint:
         if self._verify and name in self._digests:
             self._check_digest(name, raw, self._digests[name])
         tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+        return tensor if device.type == "cpu" else tensor.to(device)
 
     def get(self, component: Any) -> Any:
         """One component of the state, decoding only its part of the skeleton and reading only its tensors.
@@ -308,7 +311,10 @@ class Checkpoint:
         return self._handle
 
     def _decoder(self) -> Decoder:
-        return Decoder(self.get_tensor, self._allow, self._limits, file=str(self.path))
+        cpu = torch.device("cpu")
+        return Decoder(
+            self.get_tensor, self._allow, self._limits, file=str(self.path), array_source=lambda name: self._read(name, cpu)
+        )
 
     def _check_digest(self, name: str, data: Any, expected: str) -> None:
         actual = hashlib.sha256(data).hexdigest()

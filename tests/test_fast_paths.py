@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,18 @@ def test_corrupting_the_small_component_spares_the_large_one(tmp_path: Path) -> 
         assert torch.equal(large["weight"], state["large_component"]["weight"])
         with pytest.raises(safeckpt.IntegrityError):
             ckpt.get("small_component")
+
+
+def test_numpy_arrays_load_on_the_cpu_whatever_the_device(tmp_path: Path) -> None:
+    path = safeckpt.save_single_file(None, {"arr": np.arange(3), "t": torch.ones(2)}, tmp_path / "m.safeckpt")
+    loaded = safeckpt.load(path, device="meta")
+    assert loaded["t"].device.type == "meta" and loaded["t"].shape == (2,)
+    assert type(loaded["arr"]) is np.ndarray and loaded["arr"].tolist() == [0, 1, 2]
+
+
+def test_nan_component_key_can_be_fetched(tmp_path: Path) -> None:
+    path = safeckpt.save_single_file(None, {float("nan"): torch.arange(2), "b": 1}, tmp_path / "n.safeckpt")
+    with safeckpt.open(path) as ckpt:
+        key = ckpt.components()[0]
+        assert key != key
+        assert torch.equal(ckpt.get(float("nan")), torch.arange(2))

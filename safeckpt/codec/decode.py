@@ -42,6 +42,8 @@ class Decoder:
         allow: which globals may be imported.
         limits: bounds checked while decoding.
         file: the file being read, for error messages.
+        array_source: returns the entry as a CPU tensor, for numpy arrays (numpy has
+            no devices); defaults to ``tensor_source``.
     """
 
     def __init__(
@@ -50,8 +52,10 @@ class Decoder:
         allow: AllowList,
         limits: Limits,
         file: str | None = None,
+        array_source: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         self._source = tensor_source
+        self._array_source = array_source or tensor_source
         self._allow = allow
         self._limits = limits
         self._file = file
@@ -203,15 +207,16 @@ class Decoder:
             raise fail("malformed torch.Size")
         return torch.Size(body)
 
-    def _entry_tensor(self, entry: Any, view: Any) -> torch.Tensor:
+    def _entry_tensor(self, entry: Any, view: Any, *, for_array: bool = False) -> torch.Tensor:
         if type(entry) is not str:
             raise fail("tensor entry name is not a string")
-        key = (entry, repr(view))
+        key = (entry, repr(view), for_array)
         tensor = self._tensors.get(key)
         if tensor is None:
-            tensor = self._tensors.get(entry)
+            tensor = self._tensors.get((entry, for_array))
             if tensor is None:  # one read per entry, so that all its views share it
-                tensor = self._tensors[entry] = self._source(entry)
+                source = self._array_source if for_array else self._source
+                tensor = self._tensors[(entry, for_array)] = source(entry)
             if view is not None:
                 tensor = view_tensor(tensor, view, max_dims=self._limits.max_dims, where=entry)
             self._tensors[key] = tensor
@@ -237,7 +242,7 @@ class Decoder:
             raise fail("malformed numpy array reference")
         entry, code, view = body
         dtype = numpy_dtype(code)
-        array = self._entry_tensor(entry, view).cpu().numpy()
+        array = self._entry_tensor(entry, view, for_array=True).cpu().numpy()
         if array.dtype != dtype:
             if array.dtype != dtype.newbyteorder("="):
                 raise fail(f"numpy dtype {code} does not match the stored tensor")

@@ -1,0 +1,354 @@
+"""Sharded checkpoints of ``DTensor`` / FSDP2 state through ``torch.distributed.checkpoint`` (DCP).
+
+Layout of a sharded checkpoint directory::
+
+    ckpt/
+      safeckpt-sharded.msgpack      the non-tensor state and the tensor table; written last (the commit point)
+      safeckpt-shards/
+        shard-00001-model-00001-of-00001.safetensors   one file per rank that owns data
+        ...
+
+Tensors are written by every rank with DCP's own Hugging Face storage layer
+(``HuggingFaceStorageWriter(save_distributed=True)`` /
+``HuggingFaceStorageReader``): plain safetensors files whose ``__metadata__``
+records, as JSON, where each stored chunk sits in the global tensor. DCP's
+planner deduplicates replicated tensors and, on load, reads only the slices
+each rank's shards need, so a checkpoint loads on any world size. That storage
+layer writes no ``.metadata`` file (DCP's default ``FileSystemWriter`` pickles
+one); it rebuilds DCP's global ``Metadata`` from the safetensors headers.
+
+Everything that is not a tensor (optimizer ``param_groups``, ``model_kwargs``,
+class references, the tensors' places in the state) is encoded by rank 0 with
+safeckpt's msgpack codec into ``safeckpt-sharded.msgpack``, an ordinary safeckpt
+skeleton file. No file of a sharded checkpoint is a pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..container import encode_state, skeleton_file_bytes, write_single
+from ..errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
+from ..handler import Reporter
+from ..io import atomic_write, fsync_dir
+from ..limits import DEFAULT_LIMITS, Limits
+from ..saving import save_single_file
+from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
+from .tree import Slot, merge_tensors, split_tensors
+
+__all__ = ["META_NAME", "SHARD_DIR", "consolidate", "load_sharded", "save_sharded"]
+
+META_NAME = "safeckpt-sharded.msgpack"
+SHARD_DIR = "safeckpt-shards"
+FORMAT = "safeckpt-sharded"
+FORMAT_VERSION = 1
+_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.safetensors\Z")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sync(error: BaseException | None, reporter: Reporter, action: str, *, everyone: bool, collective: bool = True) -> None:
+    """Make every rank raise if the step failed anywhere (rank 0 only, or any rank with ``everyone``)."""
+    if collective and dist_ready():
+        rank, _ = world()
+        outcomes = all_gather_outcomes(error) if everyone else [broadcast_outcome(error, src=0)]
+        if error is None:
+            failed = [o for o in outcomes if not o.ok]
+            if failed:
+                error = failed[0].exception(rank, action)
+    if error is not None:
+        if not isinstance(error, Exception):
+            raise error
+        reporter.fail(error, f"Rank {reporter.rank} failed to {action}: {error}")
+
+
+def _plain_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain tensors safetensors can write: contiguous, and not sharing memory with another one (tied weights)."""
+    from torch.distributed.tensor import DTensor
+
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, DTensor):
+            tensor = tensor.detach()
+            ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
+            if not tensor.is_contiguous() or (ptr and ptr in seen):
+                tensor = tensor.contiguous() if not tensor.is_contiguous() else tensor.clone()
+            seen.add(ptr)
+        out[key] = tensor
+    return out
+
+
+def _meta_bytes_writer(doc: dict[str, Any]) -> Any:
+    encoded = encode_state(doc, DEFAULT_LIMITS)
+    if encoded.entries:  # tensors hidden inside objects: the metadata file becomes a single safeckpt file
+        return partial(write_single, encoded=encoded)
+    raw = skeleton_file_bytes(encoded)
+    return lambda f: f.write(raw)
+
+
+def _clear(root: Path) -> None:
+    """Remove the commit marker first, then the shard files of an earlier save (nothing else)."""
+    root.mkdir(parents=True, exist_ok=True)
+    meta = root / META_NAME
+    if meta.exists():
+        meta.unlink()
+        fsync_dir(root)
+    shards = root / SHARD_DIR
+    if shards.is_dir():
+        for file in shards.iterdir():
+            if file.suffix == ".safetensors" or file.name == "model.safetensors.index.json":
+                file.unlink()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_sharded(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathLike[str]) -> Path:
+    """Save a sharded (``DTensor``/FSDP2) state into the directory ``path``; every rank must call it.
+
+    Use :func:`torch.distributed.checkpoint.state_dict.get_state_dict` to get the
+    model and optimizer state (sharded ``DTensor``s), and put them in ``state``
+    with anything else (``model_kwargs``, epoch...). Every rank writes its own
+    shards; replicated tensors are written once. Rank 0 writes the non-tensor
+    part last, as the commit point. A previous sharded checkpoint in ``path`` is
+    replaced (its commit marker is removed first). ``path`` must be on a file
+    system every rank sees. Without a process group it is a one-process save.
+
+    Args:
+        nn_handler: any object or ``None`` (see :func:`~safeckpt.save_single_file`).
+        state: the state; tensor leaves (``DTensor`` or plain) inside dicts,
+            lists and tuples are stored by DCP, all other values by rank 0 with
+            safeckpt's codec (rank 0's copy of them is what is saved). Not modified.
+        path: the checkpoint directory; created if missing.
+
+    Returns:
+        ``path``, on every rank.
+
+    Raises:
+        UnsupportedValueError: a non-tensor value the safe format cannot hold (on every rank).
+        OSError: if rank 0 cannot create or write the directory (on every rank).
+        torch.distributed.checkpoint.api.CheckpointException: if a rank failed to write its shards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    reporter = Reporter(nn_handler)
+    rank, world_size = world()
+    root = Path(path)
+    error: BaseException | None = None
+    try:
+        skeleton, slots, tensors = split_tensors(state)
+        if rank == 0:
+            doc = _document(skeleton, slots, world_size, [])
+            _meta_bytes_writer(doc)  # fail now, before any rank writes, on a value the format cannot hold
+            _clear(root)
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank first
+        error = exc
+    _sync(error, reporter, f"prepare the sharded checkpoint {root}", everyone=True)
+    writer = HuggingFaceStorageWriter(str(root / SHARD_DIR), save_distributed=True)
+    try:
+        dcp.save(_plain_contiguous(tensors), storage_writer=writer, no_dist=not dist_ready())
+    except Exception as exc:  # DCP raises on every rank when any rank failed
+        reporter.fail(exc, f"Rank {reporter.rank} failed to save the shards of {root}: {exc}")
+    if rank == 0:
+        try:
+            shard_dir = root / SHARD_DIR
+            files = sorted([f.name, f.stat().st_size] for f in shard_dir.iterdir() if f.suffix == ".safetensors")
+            atomic_write(root / META_NAME, _meta_bytes_writer(_document(skeleton, slots, world_size, files)))
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+    _sync(error, reporter, f"commit the sharded checkpoint {root}", everyone=False)
+    reporter.log(f"NNHandler sharded state saved by Rank {reporter.rank} (of {world_size}) to: {root}")
+    return root
+
+
+def _document(skeleton: Any, slots: list[Slot], world_size: int, files: list[list[Any]]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "world_size": world_size,
+        "shards": files,
+        "tensors": [[slot.path, slot.key, slot.dtype, list(slot.shape)] for slot in slots],
+        "state": skeleton,
+    }
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _bad(root: Path, message: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{root / META_NAME}: {message}", file=str(root / META_NAME))
+
+
+def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -> tuple[Any, list[Slot]]:
+    meta = root / META_NAME
+    if not meta.is_file():
+        raise FileNotFoundError(f"{root} is not a complete sharded safeckpt checkpoint: {meta} is missing")
+    with Checkpoint(meta, allowed_globals=allowed_globals, limits=limits) as ckpt:
+        doc = ckpt.load()
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or type(doc.get("format_version")) is not int:
+        raise _bad(root, "not a safeckpt sharded checkpoint index")
+    if doc["format_version"] > FORMAT_VERSION:
+        raise _bad(root, f"format version {doc['format_version']}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
+    shards, table = doc.get("shards"), doc.get("tensors")
+    if type(shards) is not list or type(table) is not list or "state" not in doc:
+        raise _bad(root, "malformed sharded checkpoint index")
+    expected: dict[str, int] = {}
+    for item in shards:
+        if not (type(item) is list and len(item) == 2 and type(item[0]) is str and _SHARD_FILE.match(item[0]) and type(item[1]) is int):
+            raise _bad(root, f"malformed shard entry {item!r:.200}")
+        expected[item[0]] = item[1]
+    slots = []
+    for item in table:
+        if not (
+            type(item) is list and len(item) == 4 and type(item[0]) is tuple and type(item[1]) is str
+            and isinstance(item[2], torch.dtype) and type(item[3]) is list and all(type(n) is int and n >= 0 for n in item[3])
+        ):
+            raise _bad(root, f"malformed tensor entry {item!r:.200}")
+        limits.check("max_dims", len(item[3]), what=f"the rank of tensor {item[1]!r:.200}", file=str(meta))
+        slots.append(Slot(item[0], item[1], item[2], tuple(item[3])))
+    _check_shards(root, expected)
+    return doc["state"], slots
+
+
+def _check_shards(root: Path, expected: dict[str, int]) -> None:
+    """The shard directory holds exactly the recorded files, at their recorded sizes (DCP's reader reads every one)."""
+    shard_dir = root / SHARD_DIR
+    found = {f.name: f.stat().st_size for f in shard_dir.iterdir() if f.suffix == ".safetensors"} if shard_dir.is_dir() else {}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        resized = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
+        raise IntegrityError(
+            f"{shard_dir} does not match {root / META_NAME}: missing {missing}, unexpected {extra}, resized {resized}",
+            file=str(shard_dir),
+        )
+
+
+def _destinations(
+    slots: list[Slot], template: Mapping[Any, Any] | None, device: torch.device, strict: bool
+) -> dict[tuple[Any, ...], torch.Tensor]:
+    wanted: dict[tuple[Any, ...], torch.Tensor] = {}
+    if template is not None:
+        _, template_slots, template_tensors = split_tensors(template)
+        wanted = {slot.path: template_tensors[slot.key] for slot in template_slots}
+    saved = {slot.path for slot in slots}
+    missing = [path for path in wanted if path not in saved]
+    if strict and missing:
+        raise ComponentNotFoundError(
+            f"the checkpoint has no tensor at {missing[0]!r:.200} ({len(missing)} missing); pass strict=False to leave them",
+            name=missing[0],
+            available=sorted(map(repr, saved))[:20],
+        )
+    out = {}
+    for slot in slots:
+        dest = wanted.get(slot.path)
+        if dest is None:
+            out[slot.path] = torch.empty(slot.shape, dtype=slot.dtype, device=device)
+            continue
+        if tuple(dest.shape) != slot.shape or dest.dtype != slot.dtype:
+            raise ValueError(
+                f"tensor at {slot.path!r:.200} is {slot.dtype} {list(slot.shape)} in the checkpoint "
+                f"but {dest.dtype} {list(dest.shape)} in the state to load into"
+            )
+        out[slot.path] = dest
+    return out
+
+
+def load_sharded(
+    path: str | os.PathLike[str],
+    state: Mapping[Any, Any] | None = None,
+    *,
+    nn_handler: Any = None,
+    device: str | torch.device = "cpu",
+    allowed_globals: Iterable[Any] = (),
+    strict: bool = True,
+    limits: Limits = DEFAULT_LIMITS,
+    no_dist: bool = False,
+) -> dict[Any, Any]:
+    """Load a sharded checkpoint, resharding to this job's layout; every rank must call it.
+
+    Pass as ``state`` a state of the same structure from the current job (from
+    ``get_state_dict(model, optimizer)``, sharded for the current world size,
+    which may differ from the saving one): its tensors are filled in place by
+    DCP, each rank reading only the slices its shards need. Tensors of the
+    checkpoint that ``state`` has no tensor for come back whole, on ``device``.
+    Afterwards apply the result with ``set_state_dict``.
+
+    Args:
+        path: the checkpoint directory written by :func:`save_sharded`.
+        state: the state to load into, or ``None`` for whole tensors everywhere.
+        nn_handler: any object or ``None``, for logging and error routing.
+        device: where tensors that ``state`` does not provide are placed.
+        allowed_globals: class references that may be imported (others stay ``GlobalRef``).
+        strict: raise if ``state`` has a tensor the checkpoint lacks.
+        limits: bounds on what the index file may declare.
+        no_dist: read in this process only, even if a process group is initialised
+            (what :func:`consolidate` does).
+
+    Returns:
+        The saved state: its non-tensor values as saved, its tensors those of
+        ``state`` (now loaded) or new whole tensors.
+
+    Raises:
+        FileNotFoundError: if ``path`` holds no committed sharded checkpoint.
+        IntegrityError: if the shard files are not exactly those recorded.
+        CheckpointFormatError: if the index file is corrupt.
+        ComponentNotFoundError: with ``strict``, a tensor of ``state`` the checkpoint lacks.
+        ValueError: a tensor whose global shape or dtype differs from the saved one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reporter = Reporter(nn_handler)
+    root = Path(path)
+    collective = dist_ready() and not no_dist
+    error: BaseException | None = None
+    try:
+        skeleton, slots = _read_document(root, allowed_globals, limits)
+        dests = _destinations(slots, state, torch.device(device), strict)
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank first
+        error = exc
+    _sync(error, reporter, f"load the sharded checkpoint {root}", everyone=True, collective=collective)
+    by_key = {slot.key: dests[slot.path] for slot in slots}
+    try:
+        if by_key:
+            dcp.load(by_key, storage_reader=HuggingFaceStorageReader(str(root / SHARD_DIR)), no_dist=not collective)
+        merged = merge_tensors(skeleton, dests)
+    except Exception as exc:
+        reporter.fail(exc, f"Rank {reporter.rank} failed to load the sharded checkpoint {root}: {exc}")
+    reporter.log(f"NNHandler sharded state loaded by Rank {reporter.rank} from: {root}")
+    return merged  # type: ignore[no-any-return]
+
+
+def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str], *, nn_handler: Any = None) -> Path:
+    """Merge a sharded checkpoint into one safeckpt file that loads without ``torch.distributed``.
+
+    Runs in this process only (call it on one rank, or offline): every tensor is
+    assembled whole on the CPU, so the machine needs memory for the full state.
+    Class references are carried over as saved, without being imported.
+
+    Args:
+        path: the sharded checkpoint directory.
+        out: the single file to write (atomically).
+        nn_handler: any object or ``None``, for logging and error routing.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        FileNotFoundError, IntegrityError, CheckpointFormatError: as :func:`load_sharded`.
+        OSError: if ``out`` cannot be written.
+    """
+    state = load_sharded(path, None, nn_handler=nn_handler, device="cpu", no_dist=True)
+    return save_single_file(nn_handler, state, out)

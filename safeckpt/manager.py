@@ -1,0 +1,412 @@
+"""``CheckpointManager``: numbered checkpoints of a training run, committed atomically.
+
+Layout of ``directory`` (a local path or any fsspec URL, see :mod:`safeckpt.remote`)::
+
+    step_000000001200/
+        WRITING                        {"pid", "host", "started"}: written first, removed after the commit
+        checkpoint.safeckpt            a single file (``checkpoint.pt`` for format="torch")
+          or checkpoint_<key>.*  +  checkpoint.safeckpt.json   a multi-file set (multi=True)
+        COMMITTED                      JSON written last: the commit point
+
+``COMMITTED`` records the step, its metrics, the layout, and every file with
+its size and SHA-256 (as a multi-file manifest does). A step is *complete* when
+its marker is valid JSON naming that step; everything the manager knows
+(steps, metrics, best) is read back from the markers, so there is no index to
+lose and a new manager on the same directory carries on where an old one died.
+
+Incomplete steps (no valid marker) are ignored by :meth:`~CheckpointManager.latest`
+and :meth:`~CheckpointManager.restore` and deleted, when the manager is created
+and after each commit, if either:
+
+- their step is older than the newest complete step (no writer will finish it), or
+- their ``WRITING`` lock names this host and a process that is gone (or this
+  process, when it is not the save in flight).
+
+Other incomplete steps may belong to a live writer and are left alone. Saving a
+step replaces an incomplete directory of the same step. One writer process per
+directory is assumed (on several ranks, save on one).
+
+Retention keeps the union of the ``max_to_keep`` newest and the ``keep_best``
+best complete steps, and always the newest one; incomplete steps are never
+retention candidates. A step is deleted marker first, so a crash mid-delete
+leaves an incomplete step, cleaned up later, never a torn "complete" one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import posixpath
+import re
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from . import __version__
+from .container import Encoded
+from .errors import CheckpointFormatError, IntegrityError
+from .io import _pid_alive
+from .multifile import check_keys
+from .remote import FileRecord, Store, plan_multi, plan_single, write_state
+from .snapshot import BackgroundWriter, freeze
+
+__all__ = ["CheckpointManager"]
+
+MARKER = "COMMITTED"
+LOCK = "WRITING"
+MARKER_FORMAT = "safeckpt-step"
+MARKER_VERSION = 1
+BASE = "checkpoint"
+_STEP_DIR = re.compile(r"step_([0-9]{12,})\Z")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.%#-][A-Za-z0-9_.%#+ -]{0,254}\Z")
+
+
+def _step_dir(step: int) -> str:
+    return f"step_{step:012d}"
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in (metrics or {}).items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric names must be str, got {name!r}")
+        if hasattr(value, "item") and not isinstance(value, (int, float)):
+            value = value.item()  # a 0-d tensor or numpy scalar
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"metric {name!r} must be a number or str, got {type(value).__name__}")
+        out[name] = value
+    return out
+
+
+class CheckpointManager:
+    """Keeps the checkpoints of a training run in ``directory``: save, list, retain, restore.
+
+    Args:
+        directory: a local directory, a ``file://`` URL, or an fsspec URL
+            (``s3://bucket/run``, ``gs://...``, ``memory://...``).
+        max_to_keep: keep at most this many newest complete steps (``None``: all).
+        keep_best: also keep the best this many complete steps by ``metric``.
+        metric: the metric name that :meth:`best` and ``keep_best`` rank by.
+        mode: ``"min"`` or ``"max"``: whether a smaller or a larger metric is better.
+        format: ``"safe"``, ``"torch"`` or ``"auto"``, as for :func:`safeckpt.save_single_file`.
+        multi: save each step as a multi-file set (one file per top-level key;
+            keys must then be safe file-name fragments) instead of one file.
+        storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``...).
+
+    Raises:
+        ValueError: for an invalid option (``keep_best`` without ``metric``, ``mode``
+            not min/max, a count below 1, an unknown format).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_to_keep: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        format: str = "safe",
+        multi: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        for name, count in (("max_to_keep", max_to_keep), ("keep_best", keep_best)):
+            if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {count!r}")
+        if keep_best is not None and metric is None:
+            raise ValueError("keep_best needs metric= (the metric to rank steps by)")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if format not in ("safe", "torch", "auto"):
+            raise ValueError(f"format must be 'safe', 'torch' or 'auto', got {format!r}")
+        self.max_to_keep = max_to_keep
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
+        self.format = format
+        self.multi = multi
+        self._store = Store(directory, storage_options)
+        self.directory = self._store.url
+        self._markers: dict[int, dict[str, Any]] = {}  # complete markers never change: a cache, not an index
+        self._writer = BackgroundWriter(f"safeckpt-writer:{self.directory}")
+        self._store.makedirs("")
+        self._cleanup(self._complete_steps())
+
+    def __repr__(self) -> str:
+        return f"<CheckpointManager {self.directory!r}: {len(self.all_steps())} steps>"
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:
+                raise
+
+    # saving ---------------------------------------------------------------------------
+
+    def save(self, step: int, state: Mapping[Any, Any], metrics: Mapping[str, Any] | None = None, *, blocking: bool = True) -> None:
+        """Save ``state`` as ``step`` and commit it; then apply retention.
+
+        With ``blocking=False`` the state is encoded and its tensors are copied to CPU
+        memory before this returns (the caller may change its tensors right away), and
+        the files are written on a background thread. At most one such write is in
+        flight: the next ``save`` (or :meth:`wait`) waits for it first.
+
+        Args:
+            step: a non-negative int not saved yet.
+            state: the training state (a dict); never modified.
+            metrics: numbers (or 0-d tensors) recorded in the marker, e.g. ``{"loss": 0.3}``.
+            blocking: write now (``True``) or in the background.
+
+        Raises:
+            ValueError: if ``step`` is negative or already saved.
+            UnsupportedValueError: with ``format="safe"``, naming a value the format cannot hold.
+            Exception: the failure of the previous background save, if it failed (that step is not committed).
+            OSError: if writing fails (blocking saves).
+        """
+        self._writer.join()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if self._marker(step) is not None:
+            raise ValueError(f"step {step} is already saved in {self.directory}")
+        clean = _clean_metrics(metrics)
+        files = self._plan(state)
+        if not blocking:
+            for _, payload in files:
+                if isinstance(payload, Encoded):
+                    freeze(payload)
+            self._writer.submit(lambda: self._write_step(step, files, clean), tag=step)
+        else:
+            self._write_step(step, files, clean)
+
+    def wait(self) -> None:
+        """Wait for the background save in flight, if any.
+
+        Raises:
+            Exception: the exception the background save failed with (once; that step is not committed).
+        """
+        self._writer.join()
+
+    def _plan(self, state: Mapping[Any, Any]) -> list[tuple[str, bytes | Encoded]]:
+        if not self.multi:
+            files = plan_single(state, f"{BASE}.safeckpt", self.format)
+            return [(f"{BASE}.pt" if isinstance(p, bytes) else name, p) for name, p in files]
+        return plan_multi(state, BASE, check_keys(list(state)), self.format)
+
+    def _write_step(self, step: int, files: list[tuple[str, bytes | Encoded]], metrics: dict[str, Any]) -> None:
+        rel = _step_dir(step)
+        self._store.remove_tree(rel)  # an incomplete earlier attempt at this step
+        self._store.makedirs(rel)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": now}
+        self._store.write(f"{rel}/{LOCK}", json.dumps(lock).encode())
+        named = [(f"{rel}/{name}", payload) for name, payload in files]
+        manifest = f"{rel}/{BASE}.safeckpt.json" if self.multi else None
+        records = write_state(self._store, named, manifest=manifest)
+        marker = {
+            "format": MARKER_FORMAT,
+            "format_version": MARKER_VERSION,
+            "step": step,
+            "metrics": metrics,
+            "created": now,
+            "library_version": __version__,
+            "layout": "multi" if self.multi else "single",
+            "entry": posixpath.basename(records[-1].name),
+            "files": [{"name": posixpath.basename(r.name), "size": r.size, "sha256": r.sha256} for r in records],
+        }
+        self._store.write(f"{rel}/{MARKER}", json.dumps(marker, indent=2).encode())  # the commit point
+        self._store.remove(f"{rel}/{LOCK}")
+        self._retain()
+
+    # listing ----------------------------------------------------------------------------
+
+    def _step_dirs(self) -> dict[int, str]:
+        out = {}
+        for name, size in self._store.listdir().items():
+            match = _STEP_DIR.match(name)
+            if match and size is None:
+                out[int(match.group(1))] = name
+        return out
+
+    def _marker(self, step: int) -> dict[str, Any] | None:
+        """The valid marker of ``step``, or ``None`` (incomplete or missing)."""
+        if step in self._markers:
+            return self._markers[step]
+        try:
+            document = json.loads(self._store.read(f"{_step_dir(step)}/{MARKER}"))
+        except (OSError, ValueError):
+            return None
+        if not self._valid_marker(document, step):
+            return None
+        self._markers[step] = document
+        return document
+
+    @staticmethod
+    def _valid_marker(doc: Any, step: int) -> bool:
+        if type(doc) is not dict or doc.get("format") != MARKER_FORMAT or doc.get("step") != step:
+            return False
+        if type(doc.get("format_version")) is not int or doc["format_version"] > MARKER_VERSION:
+            return False
+        files = doc.get("files")
+        if type(files) is not list or doc.get("layout") not in ("single", "multi") or type(doc.get("metrics")) is not dict:
+            return False
+        names = []
+        for item in files:
+            if type(item) is not dict or type(item.get("name")) is not str or not _FILE_NAME.match(item["name"]):
+                return False
+            if type(item.get("size")) is not int or type(item.get("sha256")) is not str:
+                return False
+            names.append(item["name"])
+        return doc.get("entry") in names
+
+    def _complete_steps(self) -> list[int]:
+        steps = sorted(step for step in self._step_dirs() if self._marker(step) is not None)
+        for gone in set(self._markers) - set(steps):
+            self._markers.pop(gone, None)
+        return steps
+
+    def _check_background(self) -> None:
+        if not self._writer.busy:
+            self._writer.join()  # raises a failure that is already known
+
+    def all_steps(self) -> list[int]:
+        """The complete steps, oldest first, read from the directory.
+
+        Raises:
+            Exception: a background save's failure, once it is known.
+        """
+        self._check_background()
+        return self._complete_steps()
+
+    def latest(self) -> int | None:
+        """The newest complete step, or ``None`` when there is none (a save still in flight is not complete)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics recorded with a complete step.
+
+        Raises:
+            FileNotFoundError: if ``step`` is not a complete step.
+        """
+        marker = self._marker(step)
+        if marker is None:
+            raise FileNotFoundError(f"no complete step {step} in {self.directory}")
+        return dict(marker["metrics"])
+
+    def _ranked(self, steps: list[int]) -> list[int]:
+        """Complete steps that have a finite ``metric``, best first (ties: the newer first)."""
+        scored = []
+        for step in steps:
+            value = self._marker(step)["metrics"].get(self.metric) if self._marker(step) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                scored.append((value if self.mode == "min" else -value, -step))
+        return [-neg for _, neg in sorted(scored)]
+
+    def best(self) -> int | None:
+        """The complete step with the best ``metric`` (per ``mode``), or ``None`` if no step has it.
+
+        Raises:
+            ValueError: if the manager was created without ``metric``.
+        """
+        if self.metric is None:
+            raise ValueError("best() needs the manager to be created with metric=")
+        ranked = self._ranked(self.all_steps())
+        return ranked[0] if ranked else None
+
+    # restoring ---------------------------------------------------------------------------
+
+    def restore(self, step: int | None = None, **load_kwargs: Any) -> Any:
+        """Load a complete step (default: the newest), waiting for a background save first.
+
+        Args:
+            step: the step to load; ``None`` for :meth:`latest`.
+            **load_kwargs: ``device``, ``allowed_globals``, ``verify``, ``trust_pickle``,
+                ``limits``, as for :func:`safeckpt.load`.
+
+        Returns:
+            The saved state.
+
+        Raises:
+            FileNotFoundError: if there is no complete step (or not ``step``).
+            IntegrityError: if a file is missing or its size differs from the marker.
+            Exception: a background save's failure.
+        """
+        self._writer.join()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        marker = self._marker(step)
+        if marker is None:
+            raise FileNotFoundError(f"no complete step {step} in {self.directory}; complete steps: {self.all_steps()}")
+        rel = _step_dir(step)
+        present = self._store.listdir(rel)
+        for item in marker["files"]:
+            if present.get(item["name"]) != item["size"]:
+                raise IntegrityError(
+                    f"{self._store.display(rel + '/' + item['name'])} is missing or not the {item['size']} bytes "
+                    f"its {MARKER} marker records: the step was modified after it was committed",
+                    file=self._store.display(rel + "/" + item["name"]),
+                )
+        try:
+            return self._store.load(f"{rel}/{marker['entry']}", multi=marker["layout"] == "multi", **load_kwargs)
+        except FileNotFoundError as exc:
+            raise CheckpointFormatError(f"step {step} in {self.directory} is unreadable: {exc}", file=str(exc.filename)) from exc
+
+    # retention and cleanup -------------------------------------------------------------------
+
+    def _retain(self) -> None:
+        steps = self._complete_steps()
+        if steps and (self.max_to_keep is not None or self.keep_best is not None):
+            keep = {steps[-1]}
+            if self.max_to_keep is not None:
+                keep.update(steps[-self.max_to_keep :])
+            if self.keep_best is not None:
+                keep.update(self._ranked(steps)[: self.keep_best])
+            for step in steps:
+                if step not in keep:
+                    self._delete(step)
+            steps = [step for step in steps if step in keep]
+        self._cleanup(steps)
+
+    def _delete(self, step: int) -> None:
+        rel = _step_dir(step)
+        self._store.remove(f"{rel}/{MARKER}")  # first: from here on it is incomplete, never torn-but-complete
+        self._markers.pop(step, None)
+        self._store.remove_tree(rel)
+
+    def _cleanup(self, complete: list[int]) -> None:
+        newest = complete[-1] if complete else -1
+        done = set(complete)
+        for step, name in self._step_dirs().items():
+            if step in done or step == self._writer.pending:
+                continue
+            if step < newest or self._abandoned(name):
+                self._store.remove_tree(name)
+
+    def _abandoned(self, name: str) -> bool:
+        """True when the step's ``WRITING`` lock names this host and a process that is not writing it."""
+        try:
+            lock = json.loads(self._store.read(f"{name}/{LOCK}"))
+        except (OSError, ValueError):
+            return False
+        if type(lock) is not dict or lock.get("host") != socket.gethostname() or type(lock.get("pid")) is not int:
+            return False
+        return lock["pid"] == os.getpid() or not _pid_alive(lock["pid"])
+
+    def step_files(self, step: int) -> list[FileRecord]:
+        """The files of a complete step, as its marker records them (names relative to its directory).
+
+        Raises:
+            FileNotFoundError: if ``step`` is not a complete step.
+        """
+        marker = self._marker(step)
+        if marker is None:
+            raise FileNotFoundError(f"no complete step {step} in {self.directory}")
+        return [FileRecord(f["name"], f["size"], f["sha256"]) for f in marker["files"]]
