@@ -12,42 +12,10 @@ Only SafeCkptError is an expected outcome; any other exception is a crash.
 import os
 import sys
 
-import atheris
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Heavy dependencies first, so that only safeckpt is instrumented.
-import msgpack  # noqa: F401
-import numpy  # noqa: F401
-import safetensors  # noqa: F401
-import torch  # noqa: F401
-
-with atheris.instrument_imports(include=["safeckpt"]):
-    import safeckpt  # noqa: F401
-    import targets
-
-HARNESS = "manifest"
-TARGET = targets.manifest
-
-
-KEEP_GOING = os.environ.get("SAFECKPT_FUZZ_KEEP_GOING")  # set by run.py --keep-going
-
-
-def TestOneInput(data: bytes) -> None:
-    if not KEEP_GOING:
-        TARGET(data)  # anything but SafeCkptError escapes: a crash
-        return
-    try:
-        TARGET(data)
-    except Exception as exc:  # triage mode only: record each distinct crash once, go on
-        targets.record_crash(KEEP_GOING, HARNESS, data, exc)
-
-
-def main() -> None:
-    targets._fixed_set_dir()  # per-process set-up before the first input
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+from harness import atheris, fuzz, targets  # noqa: E402  (instruments safeckpt on import)
 
 
 if __name__ == "__main__":
-    main()
+    fuzz("manifest", targets.manifest)
