@@ -19,6 +19,7 @@ from .errors import (
     UnsupportedValueError,
 )
 from .legacy import ScanReport, scan
+from .manager import CheckpointManager
 from .limits import Limits
 from .loading import load, load_multi_files, load_single_file, open
 from .refs import GlobalRef, OpaqueObject
@@ -27,6 +28,7 @@ from .saving import save_multi_files, save_multi_from_single, save_single_file
 __all__ = [
     "Checkpoint",
     "CheckpointFormatError",
+    "CheckpointManager",
     "ComponentNotFoundError",
     "FallbackWarning",
     "GlobalRef",

@@ -6,7 +6,7 @@ The format is detected from the bytes, never from the extension.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS, Limits
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import AllowList, resolve_allowed
+from .urls import is_url
 
 __all__ = ["load", "load_multi_files", "load_single_file", "open"]
 
@@ -33,6 +34,7 @@ def open(
     allowed_globals: Iterable[Any] = (),
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Open a safeckpt or safetensors file for lazy reading.
 
@@ -42,6 +44,8 @@ def open(
         allowed_globals: classes/functions (or ``"module:qualname"``) that may be imported.
         verify: check recorded SHA-256 digests of what is read.
         limits: bounds on what the file may declare; set them when reading untrusted files.
+        storage_options: for an fsspec URL (``s3://...``), the filesystem's options; a
+            remote file is read with range requests (see :mod:`safeckpt.remote`).
 
     Returns:
         A :class:`Checkpoint`, to be used as a context manager.
@@ -50,6 +54,11 @@ def open(
         FileNotFoundError: if there is no such file.
         CheckpointFormatError: if the file is not a safetensors file.
     """
+    if is_url(path):
+        from . import remote
+
+        return remote.open(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits,
+                           storage_options=storage_options)
     kind = detect(path)
     if kind not in (Kind.SAFETENSORS, Kind.SKELETON):
         raise CheckpointFormatError(
@@ -87,6 +96,7 @@ def load_single_file(
     trust_pickle: bool = False,
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load a whole single-file checkpoint.
 
@@ -103,6 +113,8 @@ def load_single_file(
             (logged as a warning).
         verify: check the recorded SHA-256 digests; raise ``IntegrityError`` on mismatch.
         limits: bounds on what the file may declare.
+        storage_options: for an fsspec URL (``s3://...``, ``memory://...``), the
+            filesystem's options.
 
     Returns:
         The state, with the types it was saved with (a dict of tensors for plain safetensors).
@@ -113,6 +125,13 @@ def load_single_file(
         IntegrityError: with ``verify=True``, on a digest mismatch.
         UnsafeCheckpointError: for a legacy file that names a dangerous global, listing them all.
     """
+    if is_url(path):
+        from . import remote
+
+        return remote.load_single_file(
+            path, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
+            limits=limits, storage_options=storage_options,
+        )
     kind = detect(path)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON):
         with Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits) as ckpt:
@@ -132,6 +151,7 @@ def load_multi_files(
     trust_pickle: bool = False,
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a multi-file set written by ``save_multi_files``.
 
@@ -153,6 +173,13 @@ def load_multi_files(
         IntegrityError: if a file's size (always) or digest (``verify``) differs from the manifest.
         CheckpointFormatError: for a malformed manifest, or one naming a file outside its directory.
     """
+    if is_url(path):
+        from . import remote
+
+        return remote.load_multi_files(
+            path, keys, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
+            limits=limits, storage_options=storage_options,
+        )
     options = dict(device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify, limits=limits)
     manifest_file = find_manifest(path)
     files: dict[str, Path]
@@ -199,6 +226,10 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     ``torch.save`` file (see ``trust_pickle``), a multi-file manifest, or the base
     path of a multi-file set. Takes the keyword arguments of :func:`load_single_file`.
     """
+    if is_url(path):
+        from . import remote
+
+        return remote.load(path, **kwargs)
     if not Path(path).is_file() or detect(path) is Kind.MANIFEST:
         if find_manifest(path) is not None or not Path(path).exists():
             return load_multi_files(path, **kwargs)

@@ -42,6 +42,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .urls import is_url
 from .container import (
     DIGEST_PREFIX,
     FORMAT_VERSION,
@@ -89,11 +90,6 @@ __all__ = [
 
 MANIFEST_SUFFIX = ".safeckpt.json"
 _HEAD_FETCH = 64 * 1024  # first range request: the length prefix and, usually, the whole header
-
-
-def is_url(path: Any) -> bool:
-    """True for ``scheme://...`` strings (fsspec URLs), False for local paths."""
-    return isinstance(path, str) and "://" in path
 
 
 def _url_to_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -167,8 +163,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> None:
         text = os.fspath(root)
-        if text.startswith("file://"):
-            text = text[len("file://") :]
+        text = text.removeprefix("file://")
         self.fs: Any = None
         if is_url(text) and not text.startswith("file://"):
             self.fs, path = _url_to_fs(text, storage_options)

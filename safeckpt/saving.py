@@ -35,6 +35,7 @@ from .multifile import (
     split_base,
 )
 from .refs import GlobalRef
+from .urls import is_url
 
 __all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
 
@@ -76,7 +77,14 @@ def _write_single(state: Mapping[Any, Any], path: Path, format: str) -> None:
     _torch_save(state, path)
 
 
-def save_single_file(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathLike[str], *, format: str = "safe") -> Path:
+def save_single_file(
+    nn_handler: Any,
+    state: Mapping[Any, Any],
+    path: str | os.PathLike[str],
+    *,
+    format: str = "safe",
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path:
     """Save a whole training state to one file.
 
     Args:
@@ -87,9 +95,11 @@ def save_single_file(nn_handler: Any, state: Mapping[Any, Any], path: str | os.P
         format: ``"safe"`` (safetensors + msgpack, no pickle), ``"torch"``
             (exactly ``torch.save``) or ``"auto"`` (safe when the state allows it,
             else ``torch.save`` with a :class:`FallbackWarning`).
+        storage_options: for an fsspec URL (``s3://...``, ``memory://...``), the
+            filesystem's options; see :mod:`safeckpt.remote`.
 
     Returns:
-        The path written.
+        The path written (the URL, for a remote path).
 
     Raises:
         UnsupportedValueError: with ``format="safe"``, naming the path in the state
@@ -98,6 +108,10 @@ def save_single_file(nn_handler: Any, state: Mapping[Any, Any], path: str | os.P
         Errors go through ``nn_handler.raise_error`` when it has one.
     """
     _check_format(format)
+    if is_url(path):
+        from . import remote
+
+        return remote.save_single_file(nn_handler, state, path, format=format, storage_options=storage_options)  # type: ignore[return-value]
     reporter = Reporter(nn_handler)
     target = Path(path)
     try:
@@ -195,6 +209,7 @@ def save_multi_files(
     keys_to_save: Iterable[str] | None = None,
     *,
     format: str = "safe",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Save chosen components of a state to one file each, plus a manifest.
 
@@ -215,6 +230,7 @@ def save_multi_files(
             or whose value is ``None`` are skipped.
         format: ``"safe"``, ``"torch"`` (``torch.save`` per component, named
             ``{base}_{key}{ext}`` as the seed did, no manifest) or ``"auto"``.
+        storage_options: for an fsspec URL, the filesystem's options.
 
     Returns:
         ``{key: path}`` of the component files written.
@@ -225,6 +241,12 @@ def save_multi_files(
         OSError: if a file cannot be written.
     """
     _check_format(format)
+    if is_url(path):
+        from . import remote
+
+        return remote.save_multi_files(  # type: ignore[return-value]
+            nn_handler, state, path, keys_to_save, format=format, storage_options=storage_options
+        )
     reporter = Reporter(nn_handler)
     target = Path(path)
     try:

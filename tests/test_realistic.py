@@ -642,12 +642,11 @@ def test_private_rank_wins_over_rank(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- public names
 
-# The public names of SPEC sections 1, 4 and 6 built so far; CheckpointManager arrives with
-# the manager and joins this set then.
+# The public names of SPEC sections 1, 4 and 6.
 SPEC_NAMES = {
     "save_single_file", "save_multi_files", "save_multi_from_single",
     "load_single_file", "load_multi_files", "load", "open", "convert", "scan",
-    "Checkpoint", "GlobalRef", "OpaqueObject", "Limits", "ScanReport",
+    "Checkpoint", "CheckpointManager", "GlobalRef", "OpaqueObject", "Limits", "ScanReport",
     "SafeCkptError", "CheckpointFormatError", "UnsafeCheckpointError", "UnsupportedValueError",
     "IntegrityError", "LimitExceededError", "ComponentNotFoundError", "FallbackWarning",
 }  # fmt: skip
