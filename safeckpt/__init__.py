@@ -6,6 +6,7 @@ class references are stored by name and imported only when the caller allows it.
 
 __version__ = "0.1.0"
 
+from . import distributed
 from .checkpoint import Checkpoint
 from .convert import convert
 from .errors import (
@@ -19,9 +20,9 @@ from .errors import (
     UnsupportedValueError,
 )
 from .legacy import ScanReport, scan
-from .manager import CheckpointManager
 from .limits import Limits
 from .loading import load, load_multi_files, load_single_file, open
+from .manager import CheckpointManager
 from .refs import GlobalRef, OpaqueObject
 from .saving import save_multi_files, save_multi_from_single, save_single_file
 

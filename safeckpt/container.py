@@ -44,9 +44,11 @@ __all__ = [
     "Root",
     "TensorInfo",
     "encode_state",
+    "parse_header",
     "parse_root",
     "read_header",
     "read_skeleton_file",
+    "single_header",
     "skeleton_file_bytes",
     "write_single",
 ]
@@ -76,6 +78,9 @@ class Encoded:
 
     root: dict[str, Any]
     entries: list[Entry]
+    created: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
 
     @functools.cached_property
     def skeleton(self) -> bytes:
@@ -194,26 +199,32 @@ def _datasync(fd: int) -> None:
         pass
 
 
-def write_single(f: BinaryIO, encoded: Encoded) -> None:
-    """Write a single-file checkpoint to the binary file ``f`` (which must be seekable)."""
+def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
+    """The length prefix and JSON header of a single file; ``None`` digests give the placeholder
+    of the same length, written first and replaced once the data is hashed."""
     skeleton = encoded.skeleton
     metadata = {
         META_FORMAT: "pt",
         META_VERSION: str(FORMAT_VERSION),
         META_LIBRARY: __version__,
         META_TORCH: str(torch.__version__),
-        META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        META_CREATED: encoded.created,
         META_SKELETON: base64.b64encode(skeleton).decode("ascii"),
-        META_DIGESTS: _placeholder_digests(len(encoded.entries)),
+        META_DIGESTS: _placeholder_digests(len(encoded.entries))
+        if digests is None
+        else DIGEST_PREFIX + hashlib.sha256(skeleton).hexdigest() + "".join(digests),
     }
     header = _header_bytes(encoded.entries, metadata)
-    f.write(struct.pack("<Q", len(header)))
-    f.write(header)
-    digests = _write_entries(f, encoded.entries)
-    metadata[META_DIGESTS] = DIGEST_PREFIX + hashlib.sha256(skeleton).hexdigest() + "".join(digests)
-    final = _header_bytes(encoded.entries, metadata)
-    assert len(final) == len(header), "digests must not change the header length"
-    f.seek(8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def write_single(f: BinaryIO, encoded: Encoded) -> None:
+    """Write a single-file checkpoint to the binary file ``f`` (which must be seekable)."""
+    placeholder = single_header(encoded)
+    f.write(placeholder)
+    final = single_header(encoded, _write_entries(f, encoded.entries))
+    assert len(final) == len(placeholder), "digests must not change the header length"
+    f.seek(0)
     f.write(final)
 
 
@@ -291,6 +302,15 @@ def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
         if 8 + length > size:
             raise _bad(name, f"header length {length} runs past the end of the {size}-byte file", 0)
         raw = f.read(length)
+    return parse_header(name, raw, size, limits)
+
+
+def parse_header(name: str, raw: bytes, size: int, limits: Limits) -> Header:
+    """Validate the JSON header ``raw`` of a safetensors file of ``size`` bytes (see :func:`read_header`).
+
+    Used on bytes read from a local file or fetched from remote storage.
+    """
+    length = len(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

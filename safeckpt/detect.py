@@ -6,7 +6,7 @@ import os
 import struct
 from enum import Enum
 
-__all__ = ["Kind", "detect"]
+__all__ = ["Kind", "detect", "detect_bytes"]
 
 
 class Kind(str, Enum):
@@ -28,6 +28,11 @@ def detect(path: str | os.PathLike[str]) -> Kind:
     """
     with open(path, "rb") as f:
         head = f.read(16)
+    return detect_bytes(head)
+
+
+def detect_bytes(head: bytes) -> Kind:
+    """The :class:`Kind` of a file from its first 16 bytes (local or fetched from remote storage)."""
     if len(head) >= 9:
         (length,) = struct.unpack("<Q", head[:8])
         if length >= 2 and head[8:9] == b"{":  # a header cut short is still reported as safetensors

@@ -21,12 +21,9 @@ or an fsspec location.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import datetime
 import hashlib
 import io
-import json
 import os
 import posixpath
 import struct
@@ -40,29 +37,19 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from . import __version__
 from .checkpoint import Checkpoint
-from .urls import is_url
 from .container import (
-    DIGEST_PREFIX,
-    FORMAT_VERSION,
-    META_CREATED,
-    META_DIGESTS,
-    META_FORMAT,
-    META_LIBRARY,
-    META_SKELETON,
-    META_TORCH,
-    META_VERSION,
     Encoded,
     Header,
-    _header_bytes,
-    _tensor_info,
     encode_state,
+    parse_header,
     parse_root,
+    single_header,
     skeleton_bytes,
     skeleton_file_bytes,
     write_single,
 )
+from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError, UnsupportedValueError
 from .handler import Reporter
 from .io import atomic_write
@@ -71,6 +58,7 @@ from .loading import load_single_file as _load_local_file
 from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, manifest_bytes, read_manifest
 from .refs import AllowList
 from .saving import FORMATS, _fallback, fold_model_kwargs
+from .urls import is_url
 
 __all__ = [
     "FileRecord",
@@ -115,21 +103,6 @@ class FileRecord:
     sha256: str
 
 
-def _single_header(encoded: Encoded, digests: list[str]) -> bytes:
-    """Length prefix and final header of a single file, the same bytes :func:`write_single` ends with."""
-    metadata = {
-        META_FORMAT: "pt",
-        META_VERSION: str(FORMAT_VERSION),
-        META_LIBRARY: __version__,
-        META_TORCH: str(torch.__version__),
-        META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        META_SKELETON: base64.b64encode(encoded.skeleton).decode("ascii"),
-        META_DIGESTS: DIGEST_PREFIX + hashlib.sha256(encoded.skeleton).hexdigest() + "".join(digests),
-    }
-    header = _header_bytes(encoded.entries, metadata)
-    return struct.pack("<Q", len(header)) + header
-
-
 def stream_single(f: BinaryIO, encoded: Encoded) -> tuple[int, str]:
     """Write a single-file checkpoint to ``f`` front to back, never seeking.
 
@@ -143,7 +116,7 @@ def stream_single(f: BinaryIO, encoded: Encoded) -> tuple[int, str]:
     for entry, view in zip(encoded.entries, views):
         if view.size != entry.nbytes:
             raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
-    head = _single_header(encoded, [hashlib.sha256(view).hexdigest() for view in views])
+    head = single_header(encoded, [hashlib.sha256(view).hexdigest() for view in views])
     f.write(head)
     size = len(head)
     for view in views:
@@ -438,42 +411,6 @@ def save_multi_files(
 # --------------------------------------------------------------------------- reading
 
 
-def _parse_header(name: str, head: bytes, size: int, limits: Limits) -> Header:
-    """:func:`safeckpt.container.read_header` on bytes already fetched (prefix + whole header)."""
-    (length,) = struct.unpack("<Q", head[:8])
-    try:
-        header = json.loads(head[8 : 8 + length])
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointFormatError(f"{name}: header is not valid JSON: {exc}", file=name, offset=8) from exc
-    if type(header) is not dict:
-        raise CheckpointFormatError(f"{name}: header is not a JSON object", file=name, offset=8)
-    metadata = header.pop("__metadata__", None) or {}
-    if type(metadata) is not dict or not all(type(k) is str and type(v) is str for k, v in metadata.items()):
-        raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings", file=name, offset=8)
-    limits.check("max_tensors", len(header), what="the number of tensors", file=name)
-    data_size = size - 8 - length
-    infos = sorted((_tensor_info(name, k, v, limits, data_size) for k, v in header.items()), key=lambda i: (i.begin, i.end))
-    position = 0
-    for info in infos:
-        if info.begin != position:
-            raise CheckpointFormatError(f"{name}: tensor {info.name!r} starts at data byte {info.begin}, expected {position}", file=name)
-        position = info.end
-    if position != data_size:
-        raise CheckpointFormatError(f"{name}: tensors cover {position} bytes but the data section holds {data_size}", file=name)
-    return Header(name, {info.name: info for info in infos}, metadata, 8 + length, size)
-
-
-def _kind(head: bytes) -> str:
-    """:func:`safeckpt.detect.detect` on the first bytes of a file."""
-    if len(head) >= 9 and struct.unpack("<Q", head[:8])[0] >= 2 and head[8:9] == b"{":
-        return "safetensors"
-    if head[1:8] == b"\xa6format" and 0x81 <= head[0] <= 0x8F:
-        return "skeleton"
-    if head.lstrip()[:1] == b"{":
-        return "manifest"
-    return "other"
-
-
 class RemoteCheckpoint(Checkpoint):
     """:class:`~safeckpt.Checkpoint` over fsspec: the header by range request, each tensor by its own range.
 
@@ -521,14 +458,14 @@ class RemoteCheckpoint(Checkpoint):
         self._data: memoryview | None = None
         size = int(fs.size(self._fspath))
         head = self._range(0, min(size, _HEAD_FETCH))
-        kind = _kind(head)
-        if kind == "skeleton":
+        kind = detect_bytes(head[:16])
+        if kind is Kind.SKELETON:
             limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=url)
             raw = head if size <= len(head) else head + self._range(len(head), size)
             self._header = Header(url, {}, {}, 0, size)
             self._root = parse_root(raw, limits, url, standalone=True)
             return
-        if kind != "safetensors":
+        if kind is not Kind.SAFETENSORS:
             raise CheckpointFormatError(f"{url} is not a safetensors file; use load() for other formats", file=url)
         (length,) = struct.unpack("<Q", head[:8])
         limits.check("max_header_bytes", length, what="the safetensors header length", file=url)
@@ -536,7 +473,7 @@ class RemoteCheckpoint(Checkpoint):
             raise CheckpointFormatError(f"{url}: header length {length} runs past the end of the {size}-byte file", file=url, offset=0)
         if 8 + length > len(head):
             head += self._range(len(head), 8 + length)
-        self._header = _parse_header(url, head, size, limits)
+        self._header = parse_header(url, head[8 : 8 + length], size, limits)
         if self._header.is_safeckpt:
             raw_skeleton = skeleton_bytes(self._header, limits)
             recorded = self._header.digests()
@@ -614,12 +551,12 @@ def load_single_file(url: str, *, storage_options: Mapping[str, Any] | None = No
     """
     fs, path = _fs_and_path(url, storage_options, fs)
     head = bytes(fs.cat_file(path, start=0, end=16))
-    kind = _kind(head)
-    if kind in ("safetensors", "skeleton"):
+    kind = detect_bytes(head)
+    if kind in (Kind.SAFETENSORS, Kind.SKELETON):
         options = {k: v for k, v in kwargs.items() if k != "trust_pickle"}
         with RemoteCheckpoint(url, fs=fs, **options) as ckpt:
             return ckpt.load()
-    if kind == "manifest":
+    if kind is Kind.MANIFEST:
         raise CheckpointFormatError(f"{url} is a multi-file manifest; use load_multi_files() or load()", file=url)
     with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:
         return _load_local_file(_download(fs, path, posixpath.basename(path), tmp), **kwargs)
@@ -678,7 +615,7 @@ def _check_remote_entry(fs: Any, file: str, entry: ManifestEntry, *, verify: boo
     if verify:
         head = bytes(fs.cat_file(file, start=0, end=min(size, 16)))
         length = size
-        if _kind(head) == "safetensors":
+        if detect_bytes(head) is Kind.SAFETENSORS:
             length = min(size, 8 + struct.unpack("<Q", head[:8])[0])
             limits.check("max_header_bytes", length, what="the safetensors header length", file=file)
         actual = hashlib.sha256(bytes(fs.cat_file(file, start=0, end=length))).hexdigest()
@@ -695,7 +632,7 @@ def _check_remote_entry(fs: Any, file: str, entry: ManifestEntry, *, verify: boo
 def load(url: str, *, storage_options: Mapping[str, Any] | None = None, fs: Any = None, **kwargs: Any) -> Any:
     """:func:`safeckpt.load` for an fsspec URL: a single file, a manifest, or a multi-file set's base path."""
     fs, path = _fs_and_path(url, storage_options, fs)
-    if fs.isfile(path) and _kind(bytes(fs.cat_file(path, start=0, end=16))) != "manifest":
+    if fs.isfile(path) and detect_bytes(bytes(fs.cat_file(path, start=0, end=16))) is not Kind.MANIFEST:
         return load_single_file(url, fs=fs, **kwargs)
     return load_multi_files(url, fs=fs, **kwargs)
 

@@ -14,6 +14,7 @@ import collections
 import copy
 import enum
 import math
+import operator
 import os
 import shutil
 import struct
@@ -67,7 +68,7 @@ GLOBAL_OBJECTS: list[Any] = [
     torch.nn.Linear,
     torch.optim.Adam,
     math.sqrt,
-    len,
+    operator.add,
     collections.OrderedDict,
     Color,
     Color.RED,
@@ -75,7 +76,7 @@ GLOBAL_OBJECTS: list[Any] = [
     Level.HIGH,
 ]
 #: What the loader is allowed to import in the allowed-globals property (enum classes allow their members).
-ALLOWED = [torch.nn.Linear, "torch.optim.adam:Adam", math.sqrt, "builtins:len", collections.OrderedDict, Color, Level]
+ALLOWED = [torch.nn.Linear, "torch.optim.adam:Adam", math.sqrt, "_operator:add", collections.OrderedDict, Color, Level]
 
 #: Tensor dtypes safetensors cannot name, stored as bytes plus a reinterpreting view.
 EXTRA_TENSOR_DTYPES = [
@@ -516,3 +517,10 @@ def test_save_never_mutates_the_state(state: Any) -> None:
     _roundtrip(state)
     assert_same(before, state, allowed=True)
     assert _layouts(state) == layouts, "save changed the layout or storage of a tensor or array in the state"
+
+
+def test_blocklisted_names_stay_inert_even_when_allowed() -> None:
+    state = {"f": len, "g": os.system}
+    loaded = _roundtrip(state, allowed_globals=["builtins:len", os.system])
+    assert loaded["f"] == safeckpt.GlobalRef("builtins", "len") and type(loaded["f"]) is safeckpt.GlobalRef
+    assert type(loaded["g"]) is safeckpt.GlobalRef and loaded["g"].qualname == "system"

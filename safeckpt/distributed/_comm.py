@@ -142,10 +142,11 @@ def _encode(error: BaseException | None, result: Any) -> bytes:
 def _decode(rank: int, raw: bytes) -> Outcome:
     try:
         doc = json.loads(raw.decode("utf-8"))
-        if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
-            raise ValueError("not an outcome document")
     except (UnicodeDecodeError, ValueError) as exc:
-        return Outcome(rank, False, error={"type": "RuntimeError", "message": f"unreadable outcome: {exc}"})
+        doc = f"unreadable outcome: {exc}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
+        message = doc if isinstance(doc, str) else "not an outcome document"
+        return Outcome(rank, False, error={"type": "RuntimeError", "message": message})
     error = doc.get("error")
     return Outcome(rank, doc["ok"], doc.get("result"), error if isinstance(error, dict) else None)
 

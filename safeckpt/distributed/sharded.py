@@ -25,8 +25,10 @@ skeleton file. No file of a sharded checkpoint is a pickle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -69,6 +71,15 @@ def _sync(error: BaseException | None, reporter: Reporter, action: str, *, every
         if not isinstance(error, Exception):
             raise error
         reporter.fail(error, f"Rank {reporter.rank} failed to {action}: {error}")
+
+
+@contextlib.contextmanager
+def _single_process(quiet: bool) -> Any:
+    """Silence DCP's "assuming the intent is to ... in a single process" warning when that is the intent."""
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _plain_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,8 +168,9 @@ def save_sharded(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathL
     _sync(error, reporter, f"prepare the sharded checkpoint {root}", everyone=True)
     writer = HuggingFaceStorageWriter(str(root / SHARD_DIR), save_distributed=True)
     try:
-        dcp.save(_plain_contiguous(tensors), storage_writer=writer, no_dist=not dist_ready())
-    except Exception as exc:  # DCP raises on every rank when any rank failed
+        with _single_process(not dist_ready()):
+            dcp.save(_plain_contiguous(tensors), storage_writer=writer, no_dist=not dist_ready())
+    except Exception as exc:  # noqa: BLE001 - DCP raises on every rank when any rank failed; routed to nn_handler
         reporter.fail(exc, f"Rank {reporter.rank} failed to save the shards of {root}: {exc}")
     if rank == 0:
         try:
@@ -323,9 +335,10 @@ def load_sharded(
     by_key = {slot.key: dests[slot.path] for slot in slots}
     try:
         if by_key:
-            dcp.load(by_key, storage_reader=HuggingFaceStorageReader(str(root / SHARD_DIR)), no_dist=not collective)
+            with _single_process(not collective):
+                dcp.load(by_key, storage_reader=HuggingFaceStorageReader(str(root / SHARD_DIR)), no_dist=not collective)
         merged = merge_tensors(skeleton, dests)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - routed to nn_handler, which raises
         reporter.fail(exc, f"Rank {reporter.rank} failed to load the sharded checkpoint {root}: {exc}")
     reporter.log(f"NNHandler sharded state loaded by Rank {reporter.rank} from: {root}")
     return merged  # type: ignore[no-any-return]
