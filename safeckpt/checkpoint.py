@@ -85,6 +85,11 @@ class Checkpoint:
             be imported; everything else comes back as inert ``GlobalRef``/``OpaqueObject``.
         verify: check SHA-256 digests of the skeleton and of each tensor read.
         limits: bounds on what the file may declare.
+        copy: copy each CPU tensor into fresh memory instead of returning a view of a
+            private copy-on-write mapping of the file. Views are free until touched and
+            share the page cache with other processes; a copy is independent of the file
+            (choose it when the file may be changed in place or truncated while tensors live:
+            safeckpt's own saves replace files by rename and never do that).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -100,8 +105,10 @@ class Checkpoint:
         allowed_globals: Iterable[Any] = (),
         verify: bool = False,
         limits: Limits = DEFAULT_LIMITS,
+        copy: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._copy = copy
         self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
         self._allow = AllowList(allowed_globals)
         self._verify = verify
@@ -266,8 +273,12 @@ class Checkpoint:
         raw = self._mapping[start : start + info.nbytes]
         if self._verify and name in self._digests:
             self._check_digest(name, raw, self._digests[name])
-        tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
-        return tensor if device.type == "cpu" else tensor.to(device)
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype, device=device)
+        tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+        if device.type != "cpu":
+            return tensor.to(device)
+        return tensor.clone() if self._copy else tensor
 
     def get(self, component: Any) -> Any:
         """One component of the state, decoding only its part of the skeleton and reading only its tensors.

@@ -35,6 +35,7 @@ def open(
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     storage_options: Mapping[str, Any] | None = None,
+    copy: bool = False,
 ) -> Checkpoint:
     """Open a safeckpt or safetensors file for lazy reading.
 
@@ -46,6 +47,8 @@ def open(
         limits: bounds on what the file may declare; set them when reading untrusted files.
         storage_options: for an fsspec URL (``s3://...``), the filesystem's options; a
             remote file is read with range requests (see :mod:`safeckpt.remote`).
+        copy: return tensors in fresh memory rather than as views of a copy-on-write
+            mapping of the file (see :class:`Checkpoint`).
 
     Returns:
         A :class:`Checkpoint`, to be used as a context manager.
@@ -65,7 +68,7 @@ def open(
             f"{path} is a {kind.value} file; open() reads safeckpt and safetensors files, use load() for others",
             file=os.fspath(path),
         )
-    return Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits)
+    return Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits, copy=copy)
 
 
 def _device(device: Device) -> torch.device:
@@ -73,14 +76,20 @@ def _device(device: Device) -> torch.device:
 
 
 def _load_torch_file(
-    path: str | os.PathLike[str], device: Device, allowed_globals: Iterable[Any], trust_pickle: bool, verify: bool, limits: Limits
+    path: str | os.PathLike[str],
+    device: Device,
+    allowed_globals: Iterable[Any],
+    trust_pickle: bool,
+    verify: bool,
+    limits: Limits,
+    copy: bool,
 ) -> Any:
     if trust_pickle:
         logger.warning("trust_pickle=True: unpickling %s with torch.load(weights_only=False); it can run any code", path)
         return torch.load(path, map_location=_device(device), weights_only=False)
     if verify:
         raise IntegrityError(f"{path} is a torch.save file: it records no digests to verify", file=os.fspath(path))
-    value = read_torch_file(path, device=_device(device), limits=limits).value
+    value = read_torch_file(path, device=_device(device), limits=limits, copy=copy).value
     allow = AllowList(allowed_globals)
     try:
         return resolve_allowed(value, allow, max_depth=limits.max_depth)
@@ -97,6 +106,7 @@ def load_single_file(
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     storage_options: Mapping[str, Any] | None = None,
+    copy: bool = False,
 ) -> Any:
     """Load a whole single-file checkpoint.
 
@@ -115,6 +125,8 @@ def load_single_file(
         limits: bounds on what the file may declare.
         storage_options: for an fsspec URL (``s3://...``, ``memory://...``), the
             filesystem's options.
+        copy: return tensors in fresh memory rather than as zero-copy views of a
+            copy-on-write mapping of the file (see :class:`Checkpoint`).
 
     Returns:
         The state, with the types it was saved with (a dict of tensors for plain safetensors).
@@ -134,12 +146,14 @@ def load_single_file(
         )
     kind = detect(path)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON):
-        with Checkpoint(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits) as ckpt:
+        with Checkpoint(
+            path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits, copy=copy
+        ) as ckpt:
             return ckpt.load()
     if kind is Kind.MANIFEST:
         raise CheckpointFormatError(f"{path} is a multi-file manifest; use load_multi_files() or load()", file=os.fspath(path))
     # torch.save archives, pre-1.6 streams and bare pickles (of any protocol, so also unknown bytes)
-    return _load_torch_file(path, device, allowed_globals, trust_pickle, verify, limits)
+    return _load_torch_file(path, device, allowed_globals, trust_pickle, verify, limits, copy)
 
 
 def load_multi_files(
@@ -152,6 +166,7 @@ def load_multi_files(
     verify: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     storage_options: Mapping[str, Any] | None = None,
+    copy: bool = False,
 ) -> dict[str, Any]:
     """Load a multi-file set written by ``save_multi_files``.
 
@@ -160,7 +175,7 @@ def load_multi_files(
             (``models/m.safeckpt.json``). Without a manifest, the files
             ``{base}_{key}.*`` are discovered (``torch.save`` ones need ``trust_pickle``).
         keys: components to load (default: all).
-        device, allowed_globals, trust_pickle, verify, limits: as for :func:`load_single_file`;
+        device, allowed_globals, trust_pickle, verify, limits, copy: as for :func:`load_single_file`;
             ``verify=True`` also checks every file against the manifest's digests,
             which detects a torn set (a save interrupted between files).
 
@@ -180,7 +195,9 @@ def load_multi_files(
             path, keys, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
             limits=limits, storage_options=storage_options,
         )
-    options = dict(device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify, limits=limits)
+    options = dict(
+        device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify, limits=limits, copy=copy
+    )
     manifest_file = find_manifest(path)
     files: dict[str, Path]
     if manifest_file is not None:

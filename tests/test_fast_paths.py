@@ -251,3 +251,21 @@ def test_nan_component_key_can_be_fetched(tmp_path: Path) -> None:
         key = ckpt.components()[0]
         assert key != key
         assert torch.equal(ckpt.get(float("nan")), torch.arange(2))
+
+
+def test_copy_gives_tensors_independent_of_the_file_mapping(tmp_path: Path) -> None:
+    state = {"w": torch.arange(1024, dtype=torch.float32), "v": torch.ones(3)}
+    path = safeckpt.save_single_file(None, state, tmp_path / "c.safeckpt")
+    legacy = tmp_path / "c.pth"
+    torch.save(state, legacy)
+    for source in (path, legacy):
+        mapped = safeckpt.load(source)["w"]
+        copied = safeckpt.load(source, copy=True)["w"]
+        assert torch.equal(mapped, copied)
+        maps = Path("/proc/self/maps").read_text()
+        mapped_ranges = [line for line in maps.splitlines() if line.endswith(str(source))]
+        assert mapped_ranges, "the zero-copy load maps the file"
+        ranges = [tuple(int(x, 16) for x in r.split()[0].split("-")) for r in mapped_ranges]
+        assert any(a <= mapped.data_ptr() < b for a, b in ranges), "the default load is a view of the mapping"
+        assert not any(a <= copied.data_ptr() < b for a, b in ranges), "the copy lives outside the file mapping"
+        del mapped

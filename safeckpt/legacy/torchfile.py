@@ -90,7 +90,8 @@ def _finish(report: Report, path: str) -> None:
 
 
 class _Reader:
-    def __init__(self, path: str, limits: Limits, device: torch.device, report: Report) -> None:
+    def __init__(self, path: str, limits: Limits, device: torch.device, report: Report, copy: bool = False) -> None:
+        self.copy = copy
         self.path = path
         self.limits = limits
         self.device = device
@@ -134,7 +135,8 @@ class _Reader:
             self._mapping = map_file(self.path)
         if offset < 0 or offset + nbytes > self._mapping.size:
             raise CheckpointFormatError(f"{self.path}: storage bytes [{offset}, {offset + nbytes}) outside the file")
-        return torch.from_numpy(self._mapping[offset : offset + nbytes])
+        data = torch.from_numpy(self._mapping[offset : offset + nbytes])
+        return data.clone() if self.copy else data
 
     def place(self, data: torch.Tensor) -> torch.Tensor:
         return data if self.device.type == "cpu" else data.to(self.device)
@@ -345,12 +347,18 @@ def _starts_like_pickle(path: str) -> bool:
 
 
 def read_torch_file(
-    path: str | os.PathLike[str], *, device: torch.device, limits: Limits, report: Report | None = None
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device,
+    limits: Limits,
+    report: Report | None = None,
+    copy: bool = False,
 ) -> LegacyFile:
     """Read a ``torch.save`` file or bare pickle without executing anything.
 
     ``device="meta"`` reads no tensor bytes (scanning). ``report`` collects globals
-    and findings (a fresh one by default).
+    and findings (a fresh one by default). Storages are views of a copy-on-write
+    mapping of the file, or with ``copy`` copies in fresh memory.
 
     Raises:
         UnsafeCheckpointError: listing every dangerous global the file names.
@@ -358,7 +366,7 @@ def read_torch_file(
     """
     name = os.fspath(path)
     report = Report() if report is None else report
-    reader = _Reader(name, limits, device, report)
+    reader = _Reader(name, limits, device, report, copy)
     kind = detect(name)
     if kind is Kind.UNKNOWN and not _starts_like_pickle(name):
         raise CheckpointFormatError(
