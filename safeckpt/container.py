@@ -67,6 +67,7 @@ _VERSION = re.compile(r"[0-9]{1,9}\Z")
 _HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed by worker threads while writing goes on
 _HASH_THREADS = min(2, os.cpu_count() or 1)
 _MAX_PENDING_HASH = 512 << 20  # bytes written but not yet hashed
+_SYNC_EVERY = 256 << 20  # bytes written between flushes to disk started in the background
 
 
 # --------------------------------------------------------------------------- encoding a state
@@ -159,12 +160,14 @@ def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
     Large entries are hashed by worker threads while the main thread writes (hashlib
     and file writes both release the GIL). At most ``_MAX_PENDING_HASH`` bytes wait
     for a hash, which bounds the memory held by temporary copies (CUDA tensors,
-    non-contiguous ones). Once everything is written, the data is flushed to disk
-    while the last hashes finish, so the final fsync has little left to do.
+    non-contiguous ones). Writeback to disk is started in the background every
+    ``_SYNC_EVERY`` bytes and once more at the end, while hashes finish, so the
+    final fsync has little left to do.
     """
     digests: list[str | Future[str]] = []
     pending: collections.deque[tuple[Future[str], int]] = collections.deque()
-    pending_bytes = 0
+    pending_bytes = unsynced = 0
+    syncer: threading.Thread | None = None
     with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
         for entry in entries:
             data = entry.cpu_bytes()
@@ -184,12 +187,24 @@ def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
                 digests.append(_sha256(view))
             if entry.nbytes:
                 f.write(view)
+                unsynced += entry.nbytes
+            if unsynced >= _SYNC_EVERY and not (syncer and syncer.is_alive()):
+                f.flush()  # start writeback now, so that the disk works while hashing goes on
+                syncer = _start_datasync(f.fileno())
+                unsynced = 0
         f.flush()
-        syncer = threading.Thread(target=_datasync, args=(f.fileno(),), daemon=True)
-        syncer.start()
+        if syncer is not None:
+            syncer.join()
+        syncer = _start_datasync(f.fileno())
         result = [d if isinstance(d, str) else d.result() for d in digests]
     syncer.join()
     return result
+
+
+def _start_datasync(fd: int) -> threading.Thread:
+    thread = threading.Thread(target=_datasync, args=(fd,), daemon=True)
+    thread.start()
+    return thread
 
 
 def _datasync(fd: int) -> None:

@@ -62,6 +62,7 @@ def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while another is still inside a collective
     finally:
         dist.destroy_process_group()
 
