@@ -6,7 +6,7 @@ class references are stored by name and imported only when the caller allows it.
 
 __version__ = "0.1.0"
 
-from . import distributed
+from . import distributed as distributed  # the subpackage, importable as safeckpt.distributed
 from .checkpoint import Checkpoint
 from .convert import convert
 from .errors import (
