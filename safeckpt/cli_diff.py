@@ -195,6 +195,7 @@ def diff_states(
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             result.tensors += 1
             component.tensors += 1
+        kind: str | None
         if x is _ABSENT or y is _ABSENT:
             kind, delta = ("missing" if y is _ABSENT else "extra"), None
         elif _kind(x) != _kind(y):

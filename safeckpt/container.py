@@ -186,7 +186,7 @@ def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
             else:
                 digests.append(_sha256(view))
             if entry.nbytes:
-                f.write(view)
+                f.write(view.data)
                 unsynced += entry.nbytes
             if unsynced >= _SYNC_EVERY and not (syncer and syncer.is_alive()):
                 f.flush()  # start writeback now, so that the disk works while hashing goes on

@@ -89,7 +89,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(file)`` on a fresh temporary file, then move it over ``path`` atomically."""
     with atomic_path(path) as temp:
         with open(temp, "xb") as f:

@@ -60,7 +60,7 @@ def open(
     if is_url(path):
         from . import remote
 
-        return remote.open(path, device=device, allowed_globals=allowed_globals, verify=verify, limits=limits,
+        return remote.open(str(path), device=device, allowed_globals=allowed_globals, verify=verify, limits=limits,
                            storage_options=storage_options)
     kind = detect(path)
     if kind not in (Kind.SAFETENSORS, Kind.SKELETON):
@@ -141,7 +141,7 @@ def load_single_file(
         from . import remote
 
         return remote.load_single_file(
-            path, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
+            str(path), device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
             limits=limits, storage_options=storage_options,
         )
     kind = detect(path)
@@ -192,7 +192,7 @@ def load_multi_files(
         from . import remote
 
         return remote.load_multi_files(
-            path, keys, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
+            str(path), keys, device=device, allowed_globals=allowed_globals, trust_pickle=trust_pickle, verify=verify,
             limits=limits, storage_options=storage_options,
         )
     options = dict(
@@ -246,7 +246,7 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     if is_url(path):
         from . import remote
 
-        return remote.load(path, **kwargs)
+        return remote.load(str(path), **kwargs)
     if not Path(path).is_file() or detect(path) is Kind.MANIFEST:
         if find_manifest(path) is not None or not Path(path).exists():
             return load_multi_files(path, **kwargs)

@@ -303,7 +303,8 @@ class CheckpointManager:
         """Complete steps that have a finite ``metric``, best first (ties: the newer first)."""
         scored = []
         for step in steps:
-            value = self._marker(step)["metrics"].get(self.metric) if self._marker(step) else None
+            marker = self._marker(step)
+            value = marker["metrics"].get(self.metric) if marker else None
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 scored.append((value if self.mode == "min" else -value, -step))
         return [-neg for _, neg in sorted(scored)]

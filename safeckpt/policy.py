@@ -141,7 +141,8 @@ def _spellings(module: str, qualname: str) -> list[tuple[str, str]]:
 
 def canonical(module: str, qualname: str) -> str:
     """``"module:qualname"`` as Python 3's unpickler would resolve it."""
-    return "%s:%s" % _spellings(module, qualname)[-1]
+    module, qualname = _spellings(module, qualname)[-1]
+    return f"{module}:{qualname}"
 
 
 def _listed(module: str, qualname: str) -> bool:

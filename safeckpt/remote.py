@@ -21,6 +21,7 @@ or an fsspec location.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
@@ -116,12 +117,12 @@ def stream_single(f: BinaryIO, encoded: Encoded) -> tuple[int, str]:
     for entry, view in zip(encoded.entries, views):
         if view.size != entry.nbytes:
             raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
-    head = single_header(encoded, [hashlib.sha256(view).hexdigest() for view in views])
+    head = single_header(encoded, [hashlib.sha256(view.data).hexdigest() for view in views])
     f.write(head)
     size = len(head)
     for view in views:
         if view.size:
-            f.write(memoryview(view))
+            f.write(view.data)
             size += view.size
     return size, hashlib.sha256(head).hexdigest()
 
@@ -210,7 +211,7 @@ class Store:
     def read(self, rel: str) -> bytes:
         """The whole file (small files: markers, manifests)."""
         if self.local:
-            with builtins_open(self.path(rel), "rb") as f:
+            with builtins.open(self.path(rel), "rb") as f:
                 return f.read()
         return bytes(self.fs.cat_file(self.path(rel)))
 
@@ -268,9 +269,6 @@ class Store:
         if multi:
             return load_multi_files(self.display(rel), fs=self.fs, **kwargs)
         return load_single_file(self.display(rel), fs=self.fs, **kwargs)
-
-
-builtins_open = open
 
 
 def store_for(location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:

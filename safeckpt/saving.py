@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -111,7 +111,7 @@ def save_single_file(
     if is_url(path):
         from . import remote
 
-        return remote.save_single_file(nn_handler, state, path, format=format, storage_options=storage_options)  # type: ignore[return-value]
+        return remote.save_single_file(nn_handler, state, str(path), format=format, storage_options=storage_options)  # type: ignore[return-value]
     reporter = Reporter(nn_handler)
     target = Path(path)
     try:
@@ -168,12 +168,16 @@ def _write_safe_set(path: Path, components: dict[str, Encoded]) -> dict[str, Pat
         if encoded.entries:
             atomic_write(target, partial(write_single, encoded=encoded))
         else:
-            atomic_write(target, lambda f, e=encoded: f.write(skeleton_file_bytes(e)))
+            atomic_write(target, partial(_write_bytes, data=skeleton_file_bytes(encoded)))
         entries.append(ManifestEntry(key, target.name, target.stat().st_size, file_digest(target, DEFAULT_LIMITS)))
         written[key] = target
     manifest = manifest_path(path)
-    atomic_write(manifest, lambda f: f.write(manifest_bytes(entries)))  # the commit point
+    atomic_write(manifest, partial(_write_bytes, data=manifest_bytes(entries)))  # the commit point
     return written
+
+
+def _write_bytes(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
 
 
 def _write_torch_set(path: Path, state: Mapping[Any, Any], keys: list[str]) -> dict[str, Path]:
@@ -245,7 +249,7 @@ def save_multi_files(
         from . import remote
 
         return remote.save_multi_files(  # type: ignore[return-value]
-            nn_handler, state, path, keys_to_save, format=format, storage_options=storage_options
+            nn_handler, state, str(path), keys_to_save, format=format, storage_options=storage_options
         )
     reporter = Reporter(nn_handler)
     target = Path(path)

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
+
+import torch
 
 from .container import Encoded
 
 __all__ = ["BackgroundWriter", "freeze"]
+
+
+def _same(data: torch.Tensor) -> torch.Tensor:
+    return data
 
 
 def freeze(encoded: Encoded) -> int:
@@ -31,7 +38,7 @@ def freeze(encoded: Encoded) -> int:
     copied = 0
     for entry in encoded.entries:
         data = entry.cpu_bytes().clone()  # the caller's tensors are not read again
-        entry.source = lambda data=data: data
+        entry.source = partial(_same, data)
         copied += entry.nbytes
     return copied
 

@@ -123,10 +123,10 @@ def contiguous_strides(shape: Any) -> list[int]:
 
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     """[start, end) of the bytes ``t`` can touch in its storage."""
-    start = t.storage_offset() * t.element_size()
+    start = int(t.storage_offset()) * t.element_size()
     if t.numel() == 0:
         return start, start
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    last = sum((int(size) - 1) * int(stride) for size, stride in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
 
 

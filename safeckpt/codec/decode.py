@@ -139,12 +139,12 @@ class Decoder:
             return TorchVersion(data.decode("utf-8", "surrogatepass"))
         if code == Ext.NUMPY_SCALAR:
             code_bytes, sep, raw = data.partition(b"\0")
-            dtype = numpy_dtype(code_bytes.decode("ascii"))
-            if not sep or len(raw) != dtype.itemsize:
+            scalar_dtype = numpy_dtype(code_bytes.decode("ascii"))
+            if not sep or len(raw) != scalar_dtype.itemsize:
                 raise fail("malformed numpy scalar")
             if not raw:  # an empty np.str_ / np.bytes_
-                return dtype.type()
-            return np.frombuffer(raw, dtype=dtype, count=1)[0]
+                return scalar_dtype.type()
+            return np.frombuffer(raw, dtype=scalar_dtype, count=1)[0]
         if code == Ext.GLOBAL:
             ref = GlobalRef.parse(data.decode("utf-8"))
             return self._resolve(ref)

@@ -36,6 +36,9 @@ from .types import (
 
 __all__ = ["Encoder"]
 
+_NEWOBJ = getattr(copyreg, "__newobj__")  # what object.__reduce_ex__ names for cls.__new__(cls, *args)
+_NEWOBJ_EX = getattr(copyreg, "__newobj_ex__")  # ... and for cls.__new__(cls, *args, **kwargs)
+
 
 
 class Encoder:
@@ -277,9 +280,9 @@ class Encoder:
         factory, args, state, list_items, dict_items = (*reduced, None, None, None)[:5]
         kwargs: dict[str, Any] = {}
         constructor = "call"
-        if factory is copyreg.__newobj__:
+        if factory is _NEWOBJ:
             factory, args, constructor = args[0], args[1:], "new"
-        elif factory is copyreg.__newobj_ex__:
+        elif factory is _NEWOBJ_EX:
             (factory, args, kwargs), constructor = args, "new"
         ref = ref_of(factory, path=where)
         if policy.classify(ref.module, ref.qualname) == "dangerous":

@@ -100,9 +100,11 @@ def save_per_rank(
         reporter.fail(error, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {error}")
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        exc = failed[0].exception(rank, f"save its part of {path}")
+        remote_error = failed[0].exception(rank, f"save its part of {path}")
         ranks = ", ".join(str(o.rank) for o in failed)
-        reporter.fail(exc, f"Rank {reporter.rank}: per-rank save to {path} failed on rank(s) {ranks}: {exc}")
+        reporter.fail(
+            remote_error, f"Rank {reporter.rank}: per-rank save to {path} failed on rank(s) {ranks}: {remote_error}"
+        )
     assert result is not None
     return result
 

@@ -128,8 +128,10 @@ def save_on_rank0(
         assert result is not None
         return result
     if not outcome.ok:
-        exc = outcome.exception(rank, f"save {target}")
-        reporter.fail(exc, f"Rank {reporter.rank}: rank 0 failed to save NNHandler state to {target}: {exc}")
+        remote_error = outcome.exception(rank, f"save {target}")
+        reporter.fail(
+            remote_error, f"Rank {reporter.rank}: rank 0 failed to save NNHandler state to {target}: {remote_error}"
+        )
     reporter.log(f"NNHandler state saved by Rank 0 to: {target} (seen by Rank {reporter.rank})")
     return _result_from_json(outcome.result)
 

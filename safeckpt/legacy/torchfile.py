@@ -21,7 +21,7 @@ import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class _Bounded(io.RawIOBase):
         left = max(0, self._end - self._f.tell())
         return self._f.read(left if n is None or n < 0 else min(n, left))
 
-    def readline(self, limit: int = -1) -> bytes:
+    def readline(self, limit: int | None = -1) -> bytes:
         left = max(0, self._end - self._f.tell())
         return self._f.readline(min(left, 1 << 20))
 
@@ -249,7 +249,7 @@ def _read_stream(reader: _Reader) -> tuple[Any, str]:
         if sys_info.get("little_endian") is False:
             raise CheckpointFormatError(f"{path}: big-endian legacy files are not supported", file=path)
         main_start = f.tell()
-        for _ in pickletools.genops(window):  # skip the main pickle: storages come after it
+        for _ in pickletools.genops(cast(BinaryIO, window)):  # skip the main pickle: storages come after it
             pass
         keys = reader.unpickler(window).load()
         if type(keys) is not list or not all(type(k) is str for k in keys):
@@ -343,7 +343,7 @@ def _starts_like_pickle(path: str) -> bool:
     an opcode, and so does the reader (it stops at STOP; trailing bytes are ignored)."""
     with open(path, "rb") as f:
         first = f.read(1)
-    return bool(first) and first.decode("latin-1") in pickletools.code2op
+    return bool(first) and first.decode("latin-1") in getattr(pickletools, "code2op")
 
 
 def read_torch_file(
