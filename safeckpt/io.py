@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir", "map_file"]
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "map_file", "pid_alive"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -37,7 +37,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def _remove_stale(path: Path) -> None:
         return
     for candidate in candidates:
         pid_text = candidate.name[len(prefix) : -len(".tmp")].partition("-")[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 

@@ -47,7 +47,7 @@ from typing import Any
 from . import __version__
 from .container import Encoded
 from .errors import CheckpointFormatError, IntegrityError
-from .io import _pid_alive
+from .io import pid_alive
 from .multifile import check_keys
 from .remote import FileRecord, Store, plan_multi, plan_single, write_state
 from .snapshot import BackgroundWriter, freeze
@@ -399,7 +399,7 @@ class CheckpointManager:
             return False
         if type(lock) is not dict or lock.get("host") != socket.gethostname() or type(lock.get("pid")) is not int:
             return False
-        return lock["pid"] == os.getpid() or not _pid_alive(lock["pid"])
+        return lock["pid"] == os.getpid() or not pid_alive(lock["pid"])
 
     def step_files(self, step: int) -> list[FileRecord]:
         """The files of a complete step, as its marker records them (names relative to its directory).

@@ -58,7 +58,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .loading import load_single_file as _load_local_file
 from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, manifest_bytes, read_manifest
 from .refs import AllowList
-from .saving import FORMATS, _fallback, fold_model_kwargs
+from .saving import FORMATS, fold_model_kwargs, warn_fallback
 from .urls import is_url
 
 __all__ = [
@@ -291,7 +291,7 @@ def _encode_or_fallback(state: Mapping[Any, Any], format: str, where: str, **opt
     except UnsupportedValueError as exc:
         if format != "auto":
             raise
-        _fallback(exc, Path(where))
+        warn_fallback(exc, Path(where))
         return None
 
 

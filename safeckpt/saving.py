@@ -37,7 +37,7 @@ from .multifile import (
 from .refs import GlobalRef
 from .urls import is_url
 
-__all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
+__all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file", "warn_fallback"]
 
 FORMATS = ("safe", "torch", "auto")
 
@@ -52,7 +52,8 @@ def _torch_save(value: Any, path: Path) -> None:
         torch.save(value, temp)
 
 
-def _fallback(exc: UnsupportedValueError, where: Path) -> None:
+def warn_fallback(exc: UnsupportedValueError, where: Path) -> None:
+    """The ``format="auto"`` warning: ``where`` is written with torch.save because of ``exc``."""
     warnings.warn(
         f"{exc.path_in_state} cannot be stored in the safe format ({exc}); writing {where} with torch.save instead",
         FallbackWarning,
@@ -70,7 +71,7 @@ def _write_single(state: Mapping[Any, Any], path: Path, format: str) -> None:
         except UnsupportedValueError as exc:
             if format != "auto":
                 raise
-            _fallback(exc, path)
+            warn_fallback(exc, path)
         else:
             atomic_write(path, partial(write_single, encoded=encoded))
             return
@@ -200,7 +201,7 @@ def _write_multi(state: Mapping[Any, Any], path: Path, keys_to_save: Iterable[st
         except UnsupportedValueError as exc:
             if format != "auto":
                 raise
-            _fallback(exc, Path(split_base(path) + "_*"))
+            warn_fallback(exc, Path(split_base(path) + "_*"))
         else:
             return _write_safe_set(path, components)
     return _write_torch_set(path, folded, present)
