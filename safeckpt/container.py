@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import datetime
 import functools
 import hashlib
@@ -21,20 +20,20 @@ import math
 import os
 import re
 import struct
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
+import numpy as np
 import torch
 
 from . import __version__
 from .codec import Encoder, pack
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .limits import Limits
+from .stream import Part, open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
 
 __all__ = [
@@ -64,10 +63,7 @@ META_CREATED = "safeckpt.created"
 DATA_ALIGNMENT = 64
 DIGEST_PREFIX = "sha256:"
 _VERSION = re.compile(r"[0-9]{1,9}\Z")
-_HASH_IN_THREAD = 1 << 20  # entries at least this big are hashed by worker threads while writing goes on
-_HASH_THREADS = min(2, os.cpu_count() or 1)
-_MAX_PENDING_HASH = 512 << 20  # bytes written but not yet hashed
-_SYNC_EVERY = 256 << 20  # bytes written between flushes to disk started in the background
+_new_digest = hashlib.sha256  # per tensor (the benchmarks swap in a no-op to measure hashing's share)
 
 
 # --------------------------------------------------------------------------- encoding a state
@@ -150,68 +146,11 @@ def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
-def _sha256(data: Any) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_entries(f: BinaryIO, entries: list[Entry]) -> list[str]:
-    """Stream every entry's bytes to ``f``; return their SHA-256 digests (hex) in order.
-
-    Large entries are hashed by worker threads while the main thread writes (hashlib
-    and file writes both release the GIL). At most ``_MAX_PENDING_HASH`` bytes wait
-    for a hash, which bounds the memory held by temporary copies (CUDA tensors,
-    non-contiguous ones). Writeback to disk is started in the background every
-    ``_SYNC_EVERY`` bytes and once more at the end, while hashes finish, so the
-    final fsync has little left to do.
-    """
-    digests: list[str | Future[str]] = []
-    pending: collections.deque[tuple[Future[str], int]] = collections.deque()
-    pending_bytes = unsynced = 0
-    syncer: threading.Thread | None = None
-    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
-        for entry in entries:
-            data = entry.cpu_bytes()
-            if data.numel() != entry.nbytes:
-                raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
-            view = data.numpy()
-            if entry.nbytes >= _HASH_IN_THREAD:
-                future = pool.submit(_sha256, view)
-                digests.append(future)
-                pending.append((future, entry.nbytes))
-                pending_bytes += entry.nbytes
-                while pending_bytes > _MAX_PENDING_HASH:
-                    done, size = pending.popleft()
-                    done.result()
-                    pending_bytes -= size
-            else:
-                digests.append(_sha256(view))
-            if entry.nbytes:
-                f.write(view.data)
-                unsynced += entry.nbytes
-            if unsynced >= _SYNC_EVERY and not (syncer and syncer.is_alive()):
-                f.flush()  # start writeback now, so that the disk works while hashing goes on
-                syncer = _start_datasync(f.fileno())
-                unsynced = 0
-        f.flush()
-        if syncer is not None:
-            syncer.join()
-        syncer = _start_datasync(f.fileno())
-        result = [d if isinstance(d, str) else d.result() for d in digests]
-    syncer.join()
-    return result
-
-
-def _start_datasync(fd: int) -> threading.Thread:
-    thread = threading.Thread(target=_datasync, args=(fd,), daemon=True)
-    thread.start()
-    return thread
-
-
-def _datasync(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    except OSError:  # the caller's own fsync reports real failures
-        pass
+def _entry_bytes(entry: Entry) -> np.ndarray:
+    data = entry.cpu_bytes()  # a copy from an accelerator is dropped once it is in the stream's buffers
+    if data.numel() != entry.nbytes:
+        raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
+    return data.numpy()
 
 
 def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
@@ -234,13 +173,16 @@ def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
 
 
 def write_single(f: BinaryIO, encoded: Encoded) -> None:
-    """Write a single-file checkpoint to the binary file ``f`` (which must be seekable)."""
+    """Write a single-file checkpoint to the empty binary file ``f`` (seekable, with a descriptor) and fsync it."""
     placeholder = single_header(encoded)
-    f.write(placeholder)
-    final = single_header(encoded, _write_entries(f, encoded.entries))
-    assert len(final) == len(placeholder), "digests must not change the header length"
-    f.seek(0)
-    f.write(final)
+    digests = [_new_digest() for _ in encoded.entries]
+    parts = [Part(len(placeholder), functools.partial(np.frombuffer, placeholder, dtype=np.uint8))]
+    parts += [Part(e.nbytes, functools.partial(_entry_bytes, e), d) for e, d in zip(encoded.entries, digests)]
+    with open_stream(f, sum(part.size for part in parts)) as stream:
+        stream.write(parts, hold=len(placeholder))
+        final = single_header(encoded, [digest.hexdigest() for digest in digests])
+        assert len(final) == len(placeholder), "digests must not change the header length"
+        stream.finish(final)
 
 
 # --------------------------------------------------------------------------- reading

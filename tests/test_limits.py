@@ -11,7 +11,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import torch
 
 import safeckpt
 from safeckpt import Limits

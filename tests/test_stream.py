@@ -1,0 +1,221 @@
+"""The streaming writer under saves (``safeckpt/stream.py``): bytes, digests, direct I/O and failures.
+
+The module's sizes are shrunk here (4 KiB blocks, 16 KiB buffers, 32 KiB ranges)
+so that small files cross every boundary: held header, buffers, ranges, threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import safeckpt
+from safeckpt import stream
+from safeckpt.stream import BLOCK, Part, open_stream
+
+HAS_DIRECT = hasattr(os, "O_DIRECT")
+
+
+@pytest.fixture(autouse=True)
+def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "CHUNK", 4 * BLOCK)
+    monkeypatch.setattr(stream, "MIN_RANGE", 8 * BLOCK)
+    monkeypatch.setattr(stream, "DIRECT_MIN_BYTES", 1)
+
+
+def _parts(sizes: list[int], seed: int = 0) -> tuple[list[Part], list[bytes]]:
+    rng = np.random.default_rng(seed)
+    blobs = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+    parts = [Part(len(b), lambda b=b: np.frombuffer(b, dtype=np.uint8), hashlib.sha256()) for b in blobs]
+    return parts, blobs
+
+
+def _write(path: Path, parts: list[Part], head: bytes) -> None:
+    with open(path, "xb") as f:
+        with open_stream(f, sum(p.size for p in parts)) as s:
+            s.write(parts, hold=len(head))
+            s.finish(head)
+        assert f.tell() == os.fstat(f.fileno()).st_size  # the caller's file is left at the end
+
+
+def _check(path: Path, parts: list[Part], blobs: list[bytes], head: bytes) -> None:
+    expected = b"".join(blobs)
+    expected = head + expected[len(head) :]
+    assert path.read_bytes() == expected
+    assert [p.digest.hexdigest() for p in parts] == [hashlib.sha256(b).hexdigest() for b in blobs]  # type: ignore[union-attr]
+
+
+sizes_strategy = st.lists(
+    st.one_of(st.integers(0, 3 * BLOCK), st.sampled_from([BLOCK - 1, BLOCK, BLOCK + 1, 16 * BLOCK, 16 * BLOCK + 7]),
+              st.integers(0, 40 * BLOCK)),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_strategy, head_size=st.integers(1, 6 * BLOCK), threads=st.sampled_from([1, 2, 3]))
+def test_file_and_digests_are_exact_for_any_layout(tmp_path_factory: Any, sizes: list[int], head_size: int,
+                                                    threads: int) -> None:
+    directory = tmp_path_factory.mktemp("s")
+    original = stream.HASH_THREADS
+    stream.HASH_THREADS = threads
+    try:
+        parts, blobs = _parts([head_size, *sizes])
+        head = bytes(range(256)) * (head_size // 256) + bytes(head_size % 256)
+        _write(directory / "f", parts, head)
+        _check(directory / "f", parts, blobs, head)
+    finally:
+        stream.HASH_THREADS = original
+
+
+def test_ranges_are_block_aligned_and_cut_before_a_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    starts = [0]
+    for size in [3000, 70_000, 5, 200_000, 90_000, 1, 400_000, 64_000]:
+        starts.append(starts[-1] + size)
+    held = stream._round_up(3000)
+    bounds = stream._ranges(starts, held, starts[-1])
+    assert bounds[0] == 0 and bounds[-1] == starts[-1]
+    assert len(bounds) > 3
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        assert lo % BLOCK == 0 and lo >= held
+        assert hi - lo >= stream.MIN_RANGE
+        assert any(lo <= start < lo + BLOCK for start in starts)  # just before a part's start
+
+
+def test_a_part_spanning_several_ranges_is_hashed_whole(tmp_path: Path) -> None:
+    parts, blobs = _parts([100, 200 * BLOCK + 3, 10])
+    head = b"H" * 100
+    _write(tmp_path / "f", parts, head)
+    _check(tmp_path / "f", parts, blobs, head)
+
+
+def test_head_longer_than_a_buffer(tmp_path: Path) -> None:
+    parts, blobs = _parts([9 * BLOCK + 5, 30 * BLOCK])
+    head = b"x" * (9 * BLOCK + 5)
+    _write(tmp_path / "f", parts, head)
+    _check(tmp_path / "f", parts, blobs, head)
+
+
+@pytest.mark.skipif(not HAS_DIRECT, reason="O_DIRECT is Linux-only")
+def test_large_files_bypass_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        if not stream._set_direct(f.fileno(), True):
+            pytest.skip("this file system refuses O_DIRECT")
+    flags: list[bool] = []
+    real = stream.Stream._pwrite
+
+    def spy(self: stream.Stream, buffer: np.ndarray, length: int, offset: int) -> None:
+        flags.append(bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_DIRECT))
+        real(self, buffer, length, offset)
+
+    monkeypatch.setattr(stream.Stream, "_pwrite", spy)
+    parts, blobs = _parts([300, 50 * BLOCK + 1])
+    with open(tmp_path / "f", "xb") as f:
+        with open_stream(f, sum(p.size for p in parts)) as s:
+            s.write(parts, hold=300)
+            s.finish(b"h" * 300)
+        assert not fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT  # the caller's file is back to normal
+    assert flags and all(flags)
+    _check(tmp_path / "f", parts, blobs, b"h" * 300)
+
+
+def test_small_files_go_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "DIRECT_MIN_BYTES", 1 << 30)
+    calls: list[bool] = []
+    monkeypatch.setattr(stream, "_set_direct", lambda fd, on: calls.append(on) or True)
+    parts, blobs = _parts([64, 20 * BLOCK])
+    _write(tmp_path / "f", parts, b"h" * 64)
+    _check(tmp_path / "f", parts, blobs, b"h" * 64)
+    assert calls == []
+
+
+@pytest.mark.skipif(not HAS_DIRECT, reason="O_DIRECT is Linux-only")
+def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that takes the O_DIRECT flag but refuses the writes (EINVAL): the save still completes."""
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(stream, "_set_direct", _fake_set_direct)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    parts, blobs = _parts([100, 40 * BLOCK + 9, 3])
+    _write(tmp_path / "f", parts, b"h" * 100)
+    _check(tmp_path / "f", parts, blobs, b"h" * 100)
+    assert refused  # direct was tried, then given up
+
+
+def _fake_set_direct(fd: int, on: bool) -> bool:
+    """Sets the flag even where the file system would refuse it (tmpfs), to reach the EINVAL path."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        pytest.skip("this file system refuses the O_DIRECT flag itself")
+    return True
+
+
+def test_a_failing_write_is_raised_and_stops_the_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwrite
+    count = {"n": 0}
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        count["n"] += 1
+        if count["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    parts, _ = _parts([100, 60 * BLOCK])
+    with pytest.raises(OSError) as info:
+        _write(tmp_path / "f", parts, b"h" * 100)
+    assert info.value.errno == errno.ENOSPC
+    assert not [t for t in threading.enumerate() if t.name.startswith("safeckpt-")]
+
+
+def test_a_failing_read_is_raised(tmp_path: Path) -> None:
+    def boom() -> np.ndarray:
+        raise RuntimeError("tensor changed size")
+
+    parts, _ = _parts([100, 40 * BLOCK, 10])
+    parts.insert(2, Part(5 * BLOCK, boom, hashlib.sha256()))
+    with pytest.raises(RuntimeError, match="changed size"):
+        _write(tmp_path / "f", parts, b"h" * 100)
+
+
+@pytest.mark.parametrize("direct_min", [1, 1 << 40])
+def test_saves_through_both_paths_round_trip_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        direct_min: int) -> None:
+    monkeypatch.setattr(stream, "DIRECT_MIN_BYTES", direct_min)
+    torch.manual_seed(0)
+    state = {
+        "model": {f"w{i}": torch.randn(1000 + 37 * i) for i in range(40)},
+        "big": torch.randn(300_000),
+        "ints": torch.arange(12345, dtype=torch.int64),
+        "half": torch.randn(777).half(),
+        "epoch": 3,
+    }
+    path = tmp_path / "c.safeckpt"
+    safeckpt.save_single_file(None, state, path)
+    loaded = safeckpt.load(path, verify=True)
+    for key in ("big", "ints", "half"):
+        assert torch.equal(loaded[key], state[key]) and loaded[key].dtype == state[key].dtype
+    for name, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][name], tensor)
+    assert loaded["epoch"] == 3
