@@ -146,11 +146,8 @@ def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
-def _entry_bytes(entry: Entry) -> np.ndarray:
-    data = entry.cpu_bytes()  # a copy from an accelerator is dropped once it is in the stream's buffers
-    if data.numel() != entry.nbytes:
-        raise RuntimeError(f"tensor {entry.name} changed size while it was being saved")
-    return data.numpy()
+def _entry_bytes(entry: Entry, begin: int, end: int) -> np.ndarray:
+    return entry.cpu_bytes(begin, end).numpy()  # a copy from an accelerator: dropped once in the stream's buffers
 
 
 def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
@@ -176,7 +173,8 @@ def write_single(f: BinaryIO, encoded: Encoded) -> None:
     """Write a single-file checkpoint to the empty binary file ``f`` (seekable, with a descriptor) and fsync it."""
     placeholder = single_header(encoded)
     digests = [_new_digest() for _ in encoded.entries]
-    parts = [Part(len(placeholder), functools.partial(np.frombuffer, placeholder, dtype=np.uint8))]
+    head = np.frombuffer(placeholder, dtype=np.uint8)
+    parts = [Part(len(placeholder), lambda begin, end: head[begin:end])]
     parts += [Part(e.nbytes, functools.partial(_entry_bytes, e), d) for e, d in zip(encoded.entries, digests)]
     with open_stream(f, sum(part.size for part in parts)) as stream:
         stream.write(parts, hold=len(placeholder))

@@ -63,10 +63,11 @@ class Digest(Protocol):
 
 
 class Part(NamedTuple):
-    """``size`` bytes of the file, read (as a flat ``uint8`` array) only when written, fed to ``digest`` if given."""
+    """``size`` bytes of the file, fed to ``digest`` if given; ``read(begin, end)`` gives bytes
+    ``[begin, end)`` as a flat ``uint8`` array, when they are written."""
 
     size: int
-    read: Callable[[], np.ndarray]
+    read: Callable[[int, int], np.ndarray]
     digest: Digest | None = None
 
 
@@ -158,17 +159,15 @@ class Stream:
                 return
             if not part.size:
                 continue
-            data = part.read()
             digest = part.digest if start >= lo else None
             begin, end = max(lo, start) - start, min(hi, start + part.size) - start
-            buffers.copy(data[begin:end], start + begin, digest)
+            buffers.copy(part.read(begin, end), start + begin, digest)
             if digest is not None and end < part.size:
                 unfinished.append((part, end))
-            del data
         buffers.flush()
         for part, end in unfinished:  # the part running on into the next range: the rest from its source
             assert part.digest is not None
-            part.digest.update(part.read()[end:])
+            part.digest.update(part.read(end, part.size))
 
     # ------------------------------------------------------------------ the file
 

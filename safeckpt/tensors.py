@@ -95,14 +95,22 @@ class Entry:
     shape: list[int]
     nbytes: int
     alignment: int
-    source: Callable[[], torch.Tensor]  # -> contiguous CPU tensor holding exactly nbytes
+    source: Callable[[], torch.Tensor]  # -> contiguous tensor holding exactly nbytes, on any device
 
-    def cpu_bytes(self) -> torch.Tensor:
-        """The entry's bytes as a flat contiguous CPU ``uint8`` tensor (a view when possible)."""
+    def cpu_bytes(self, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Bytes ``[begin, end)`` of the entry as a flat contiguous CPU ``uint8`` tensor (a view of
+        a CPU tensor; only those bytes are copied from an accelerator).
+
+        Raises:
+            RuntimeError: the tensor no longer holds ``nbytes`` (it was resized during the save).
+        """
         if self.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         data = self.source()  # contiguous, though size-1 dims may carry any stride
-        return data.as_strided((data.numel(),), (1,)).view(torch.uint8)
+        flat = data.as_strided((data.numel(),), (1,)).view(torch.uint8)
+        if flat.numel() != self.nbytes:
+            raise RuntimeError(f"tensor {self.name} changed size while it was being saved")
+        return flat[begin:end].to("cpu")
 
 
 @dataclass
@@ -134,8 +142,8 @@ def _signature(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
 
 
-def _contiguous_cpu(t: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: t.detach().to("cpu").contiguous()
+def _contiguous(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: t.detach().contiguous()
 
 
 class TensorPlan:
@@ -178,10 +186,10 @@ class TensorPlan:
         member.payload[1] = name
         if code is not None:
             member.payload[3] = None
-            return Entry(name, code, list(t.shape), nbytes, t.element_size(), _contiguous_cpu(t))
+            return Entry(name, code, list(t.shape), nbytes, t.element_size(), _contiguous(t))
         # A dtype safetensors cannot name: its bytes as U8, reinterpreted by the view.
         member.payload[3] = [dtype_name(t.dtype), list(t.shape), contiguous_strides(t.shape), 0]
-        return Entry(name, "U8", [nbytes], nbytes, t.element_size(), _contiguous_cpu(t))
+        return Entry(name, "U8", [nbytes], nbytes, t.element_size(), _contiguous(t))
 
     def _lay_out(self, members: list[_Member]) -> list[Entry]:
         first = members[0]
@@ -223,8 +231,7 @@ class TensorPlan:
         name = self._names.claim(members[0].hint + "@storage")
 
         def span() -> torch.Tensor:
-            raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
-            return raw.to("cpu")
+            return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
 
         for m, (s, _) in zip(members, extents):
             self._set_view(m, name, (s - lo) // m.tensor.element_size())

@@ -37,7 +37,7 @@ def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
 def _parts(sizes: list[int], seed: int = 0) -> tuple[list[Part], list[bytes]]:
     rng = np.random.default_rng(seed)
     blobs = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
-    parts = [Part(len(b), lambda b=b: np.frombuffer(b, dtype=np.uint8), hashlib.sha256()) for b in blobs]
+    parts = [Part(len(b), lambda i, j, b=b: np.frombuffer(b, dtype=np.uint8)[i:j], hashlib.sha256()) for b in blobs]
     return parts, blobs
 
 
@@ -190,7 +190,7 @@ def test_a_failing_write_is_raised_and_stops_the_threads(tmp_path: Path, monkeyp
 
 
 def test_a_failing_read_is_raised(tmp_path: Path) -> None:
-    def boom() -> np.ndarray:
+    def boom(begin: int, end: int) -> np.ndarray:
         raise RuntimeError("tensor changed size")
 
     parts, _ = _parts([100, 40 * BLOCK, 10])
@@ -219,3 +219,25 @@ def test_saves_through_both_paths_round_trip_and_verify(tmp_path: Path, monkeypa
     for name, tensor in state["model"].items():
         assert torch.equal(loaded["model"][name], tensor)
     assert loaded["epoch"] == 3
+
+
+def test_a_tensor_resized_during_the_save_is_refused(tmp_path: Path) -> None:
+    from safeckpt import container
+    from safeckpt.limits import DEFAULT_LIMITS
+
+    encoded = container.encode_state({"w": torch.randn(50_000)}, DEFAULT_LIMITS)
+    encoded.entries[0].source = lambda: torch.zeros(10)  # what a resize between encoding and writing looks like
+    with open(tmp_path / "f", "xb") as f, pytest.raises(RuntimeError, match="w/.*changed size"):
+        container.write_single(f, encoded)
+
+
+def test_entry_bytes_are_read_in_slices(tmp_path: Path) -> None:
+    from safeckpt import container
+    from safeckpt.limits import DEFAULT_LIMITS
+
+    weight = torch.randn(1000).t()
+    (entry,) = container.encode_state({"w": weight}, DEFAULT_LIMITS).entries
+    whole = weight.numpy().view(np.uint8).ravel()
+    assert np.array_equal(entry.cpu_bytes().numpy(), whole)
+    assert np.array_equal(entry.cpu_bytes(5, 17).numpy(), whole[5:17])
+    assert np.array_equal(entry.cpu_bytes(3990).numpy(), whole[3990:])
