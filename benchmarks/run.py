@@ -263,13 +263,15 @@ def _notes(args: argparse.Namespace, env: dict[str, Any], load: tuple[Any, Any])
         "Every measurement ran in its own fresh Python process; competitors interleaved within each repeat (order "
         "rotated per repeat); `sync` before each; times are medians, ratios the median of per-repeat ratios.",
         "safeckpt saves are atomic: temp file in a private sibling dir, fsync, rename, fsync of the directory; and "
-        "every tensor is hashed with SHA-256 (large ones on a worker thread). torch.save and save_file do neither: the "
-        "'+ fsync' rows and 'raw write + fsync' put them on an equal footing.",
+        "every tensor is hashed with SHA-256 (two threads copy and hash their ranges of the file; files of 64 MiB and "
+        "more are written with O_DIRECT). torch.save and save_file do neither: the '+ fsync' rows and 'raw write + "
+        "fsync' put them on an equal footing.",
         "torch.load(weights_only=True) cannot read the full NNHandler state (class references, TorchVersion), so loads "
         "compare equal TENSOR content: torch.load reads a file of model_state_dict + optimizer_state_dict only, "
         "load_file a flat dict of the same tensors, safeckpt the full state (its extra work is the metadata skeleton) "
         "and the tensors-only state. Every load touches every byte of every tensor (a uint8 max per tensor).",
-        "Warm page cache: loads read files written moments before in the same repeat. "
+        "Warm page cache: loads read files written moments before in the same repeat, read through once (untimed) "
+        "first, since safeckpt's direct-I/O saves leave nothing in the page cache. "
         + (cold if args.cold else "Cold-cache rows: run with --cold."),
         "Peak RSS delta: rise of ru_maxrss across the timed operation, worst repeat. Resident pages of a file mapping "
         "count in RSS, so mmap loads show about the file size there though it is page cache, not anonymous memory.",
