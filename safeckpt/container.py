@@ -33,7 +33,7 @@ from . import __version__
 from .codec import Encoder, pack
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .limits import Limits
-from .stream import Part, open_stream
+from .stream import open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
 
 __all__ = [
@@ -146,10 +146,6 @@ def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
-def _entry_bytes(entry: Entry, begin: int, end: int) -> np.ndarray:
-    return entry.cpu_bytes(begin, end).numpy()  # a copy from an accelerator: dropped once in the stream's buffers
-
-
 def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
     """The length prefix and JSON header of a single file; ``None`` digests give the placeholder
     of the same length, written first and replaced once the data is hashed."""
@@ -172,13 +168,16 @@ def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
 def write_single(f: BinaryIO, encoded: Encoded) -> None:
     """Write a single-file checkpoint to the empty binary file ``f`` (seekable, with a descriptor) and fsync it."""
     placeholder = single_header(encoded)
-    digests = [_new_digest() for _ in encoded.entries]
     head = np.frombuffer(placeholder, dtype=np.uint8)
-    parts = [Part(len(placeholder), lambda begin, end: head[begin:end])]
-    parts += [Part(e.nbytes, functools.partial(_entry_bytes, e), d) for e, d in zip(encoded.entries, digests)]
-    with open_stream(f, sum(part.size for part in parts)) as stream:
-        stream.write(parts, hold=len(placeholder))
-        final = single_header(encoded, [digest.hexdigest() for digest in digests])
+    entries = encoded.entries
+
+    def read(index: int, begin: int, end: int) -> np.ndarray:
+        return head[begin:end] if index == 0 else entries[index - 1].cpu_array(begin, end)
+
+    sizes = [len(placeholder), *(entry.nbytes for entry in entries)]
+    with open_stream(f, sum(sizes)) as stream:
+        digests = stream.write(sizes, read, hold=len(placeholder), new_digest=_new_digest)[1:]  # [0]: the header's
+        final = single_header(encoded, digests)
         assert len(final) == len(placeholder), "digests must not change the header length"
         stream.finish(final)
 

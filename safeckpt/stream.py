@@ -1,8 +1,8 @@
 """Writing a file's parts to disk, hashing them on the way.
 
-The file is a sequence of :class:`Part` (a header placeholder, then tensors),
+The file is a sequence of parts (a header placeholder, then tensors),
 cut into ``HASH_THREADS`` contiguous ranges written in parallel. A range's
-thread copies its bytes into page-aligned bounce buffers of ``CHUNK`` bytes and
+thread copies its bytes into page-aligned bounce buffers (``CHUNK`` bytes) and
 hashes each piece right after copying it, while it is still in that core's
 cache (1.5x faster than hashing from memory, and hashing from another thread
 loses that); a writer pool writes the full buffers at their offsets. A digest
@@ -28,13 +28,14 @@ import bisect
 import collections
 import contextlib
 import errno
+import hashlib
 import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, NamedTuple, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -43,11 +44,12 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Digest", "Part", "Stream", "open_stream"]
+__all__ = ["Digest", "Stream", "open_stream"]
 
 DIRECT_MIN_BYTES = 64 << 20  # smaller files go through the page cache: warm for a load right after
 BLOCK = 4096  # alignment of direct I/O offsets and lengths (a multiple of every common sector size)
-CHUNK = 4 << 20  # bytes per buffer: hashed from the cache, written in one call
+CHUNK = 4 << 20  # bytes per buffer (direct I/O): hashed from the cache, written in one call
+BUFFERED_CHUNK = 1 << 20  # through the page cache, where large writes gain nothing: less memory
 DEPTH = 3  # buffers per range: one being filled, the others being written
 HASH_THREADS = min(2, os.cpu_count() or 1)
 WRITE_THREADS = 2  # writes in flight: the disk stays busy while one writer waits for the GIL
@@ -61,14 +63,7 @@ class Digest(Protocol):
 
     def update(self, data: Any, /) -> None: ...
 
-
-class Part(NamedTuple):
-    """``size`` bytes of the file, fed to ``digest`` if given; ``read(begin, end)`` gives bytes
-    ``[begin, end)`` as a flat ``uint8`` array, when they are written."""
-
-    size: int
-    read: Callable[[int, int], np.ndarray]
-    digest: Digest | None = None
+    def hexdigest(self) -> str: ...
 
 
 class Stream:
@@ -90,12 +85,32 @@ class Stream:
         self._lock = threading.Lock()
         self._unsynced = 0
         self._syncer: threading.Thread | None = None
+        self._sizes: list[int] = []
+        self._starts: list[int] = []
+        self._read: Callable[[int, int, int], np.ndarray] = _nothing
+        self._digests: list[str] = []
+        self._new_digest: Callable[[], Digest] = hashlib.sha256
 
-    def write(self, parts: list[Part], *, hold: int) -> None:
-        """Write ``parts`` from offset 0, all hashed when this returns; the first ``hold`` bytes are kept for :meth:`finish`."""
+    def write(
+        self, sizes: list[int], read: Callable[[int, int, int], np.ndarray], *, hold: int, new_digest: Callable[[], Digest]
+    ) -> list[str]:
+        """Write parts of ``sizes`` bytes from offset 0, keeping the first ``hold`` bytes for :meth:`finish`.
+
+        ``read(index, begin, end)`` gives bytes ``[begin, end)`` of part ``index`` as a flat
+        ``uint8`` array, when they are written (nothing is allocated per part up front: with
+        20,000 parts, the garbage collector's passes over the caller's objects would cost more
+        than the writing).
+
+        Returns:
+            the hex digest of each part, from ``new_digest`` objects that live only while
+            their part is being hashed (20,000 at once would weigh 9 MiB).
+        """
         starts = [0]
-        for part in parts:
-            starts.append(starts[-1] + part.size)
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        self._sizes, self._starts, self._read, self._new_digest = sizes, starts, read, new_digest
+        empty = new_digest().hexdigest()
+        self._digests = [empty] * len(sizes)  # zero-size parts keep it
         self._size = size = starts[-1]
         held = min(_round_up(max(hold, 1)), _round_up(size)) if size else 0
         self._held = _aligned(max(held, BLOCK))
@@ -105,14 +120,15 @@ class Stream:
             ranges.put((lo, hi))
         helpers = min(HASH_THREADS, len(bounds) - 1) - 1
         with ThreadPoolExecutor(max(helpers, 1), "safeckpt-hash") as pool:
-            jobs = [pool.submit(self._write_ranges, parts, starts, ranges) for _ in range(helpers)]
+            jobs = [pool.submit(self._write_ranges, ranges) for _ in range(helpers)]
             try:
-                self._write_ranges(parts, starts, ranges)
+                self._write_ranges(ranges)
             finally:
                 errors = [job.exception() for job in jobs]
         for error in errors:
             if error is not None:
                 raise error
+        return self._digests
 
     def finish(self, head: bytes) -> None:
         """Put ``head`` over the first bytes, write them, cut the padding and fsync the file."""
@@ -133,41 +149,45 @@ class Stream:
 
     # ------------------------------------------------------------------ one range
 
-    def _write_ranges(self, parts: list[Part], starts: list[int], ranges: queue.SimpleQueue[tuple[int, int]]) -> None:
+    def _write_ranges(self, ranges: queue.SimpleQueue[tuple[int, int]]) -> None:
         """Take ranges until none is left, with this thread's buffers."""
-        spare = [_aligned(CHUNK) for _ in range(DEPTH)]
+        spare = [_aligned(CHUNK if self._direct else BUFFERED_CHUNK) for _ in range(DEPTH)]
         try:
             while not self._failed.is_set():
                 try:
                     lo, hi = ranges.get_nowait()
                 except queue.Empty:
                     return
-                self._write_range(parts, starts, lo, hi, _Buffers(self, lo, spare, self._held if lo == 0 else None))
+                self._write_range(lo, hi, _Buffers(self, lo, spare, self._held if lo == 0 else None))
         except BaseException:
             self._failed.set()  # the other threads stop at their next part
             raise
 
-    def _write_range(self, parts: list[Part], starts: list[int], lo: int, hi: int, buffers: _Buffers) -> None:
-        """Copy bytes [lo, hi) into buffers and write them; feed the digests of the parts starting in the range."""
+    def _write_range(self, lo: int, hi: int, buffers: _Buffers) -> None:
+        """Copy bytes [lo, hi) into buffers and write them; hash the parts starting in the range."""
+        sizes, starts, read, new_digest, failed = self._sizes, self._starts, self._read, self._new_digest, self._failed
         unfinished = []
-        first = bisect.bisect_right(starts, lo) - 1
-        for index in range(first, len(parts)):
-            part, start = parts[index], starts[index]
+        for index in range(bisect.bisect_right(starts, lo) - 1, len(sizes)):
+            start, size = starts[index], sizes[index]
             if start >= hi:
                 break
-            if self._failed.is_set():
+            if failed.is_set():
                 return
-            if not part.size:
+            if not size:
                 continue
-            digest = part.digest if start >= lo else None
-            begin, end = max(lo, start) - start, min(hi, start + part.size) - start
-            buffers.copy(part.read(begin, end), start + begin, digest)
-            if digest is not None and end < part.size:
-                unfinished.append((part, end))
+            digest = new_digest() if start >= lo else None
+            begin, end = max(lo, start) - start, min(hi, start + size) - start
+            buffers.copy(read(index, begin, end), start + begin, digest)
+            if digest is None:
+                continue
+            if end < size:
+                unfinished.append((index, digest, end))
+            else:
+                self._digests[index] = digest.hexdigest()
         buffers.flush()
-        for part, end in unfinished:  # the part running on into the next range: the rest from its source
-            assert part.digest is not None
-            part.digest.update(part.read(end, part.size))
+        for index, digest, end in unfinished:  # the part running on into the next range: the rest from its source
+            digest.update(read(index, end, sizes[index]))
+            self._digests[index] = digest.hexdigest()
 
     # ------------------------------------------------------------------ the file
 
@@ -178,7 +198,7 @@ class Stream:
         done = 0
         while done < length:
             try:
-                done += os.pwrite(self._fd, buffer[done:length].data, offset + done)
+                done += _write_at(self._fd, buffer[done:length].data, offset + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self._direct:
                     raise
@@ -270,11 +290,26 @@ def _aligned(size: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    with _SEEK_LOCK:  # pragma: no cover - Windows has no pwrite
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+_SEEK_LOCK = threading.Lock()
+
+
 def _datasync(fd: int) -> None:
     try:
-        os.fdatasync(fd)
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS and Windows have no fdatasync
     except OSError:  # the final fsync reports real failures
         pass
+
+
+def _nothing(index: int, begin: int, end: int) -> np.ndarray:
+    raise AssertionError("no parts to read before write()")
 
 
 def _round_up(n: int) -> int:

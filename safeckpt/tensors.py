@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CheckpointFormatError
@@ -108,9 +109,30 @@ class Entry:
             return torch.empty(0, dtype=torch.uint8)
         data = self.source()  # contiguous, though size-1 dims may carry any stride
         flat = data.as_strided((data.numel(),), (1,)).view(torch.uint8)
-        if flat.numel() != self.nbytes:
-            raise RuntimeError(f"tensor {self.name} changed size while it was being saved")
+        self._check_size(flat.numel())
         return flat[begin:end].to("cpu")
+
+    def cpu_array(self, begin: int = 0, end: int | None = None) -> np.ndarray:
+        """:meth:`cpu_bytes` as a ``numpy`` array, without the intermediate tensors where numpy
+        has the dtype (saves of many small tensors spend their time in allocations)."""
+        if self.nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        data = self.source()
+        if not data.is_cpu or data.dtype not in _NUMPY_VIEWABLE:
+            return self.cpu_bytes(begin, end).numpy()
+        flat = data.numpy().reshape(-1).view(np.uint8)  # a view: the array is contiguous
+        self._check_size(flat.size)
+        return flat[begin:end]
+
+    def _check_size(self, nbytes: int) -> None:
+        if nbytes != self.nbytes:
+            raise RuntimeError(f"tensor {self.name} changed size while it was being saved")
+
+
+_NUMPY_VIEWABLE = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+     torch.bool, torch.complex64, torch.complex128}
+)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The streaming writer under saves (``safeckpt/stream.py``): bytes, digests, direct I/O and failures.
 
-The module's sizes are shrunk here (4 KiB blocks, 16 KiB buffers, 32 KiB ranges)
+The module's sizes are shrunk here (4 KiB blocks, 16 and 12 KiB buffers, 32 KiB ranges)
 so that small files cross every boundary: held header, buffers, ranges, threads.
 """
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import safeckpt
 from safeckpt import stream
-from safeckpt.stream import BLOCK, Part, open_stream
+from safeckpt.stream import BLOCK, open_stream
 
 HAS_DIRECT = hasattr(os, "O_DIRECT")
 
@@ -30,30 +30,39 @@ HAS_DIRECT = hasattr(os, "O_DIRECT")
 @pytest.fixture(autouse=True)
 def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "CHUNK", 4 * BLOCK)
+    monkeypatch.setattr(stream, "BUFFERED_CHUNK", 3 * BLOCK)
     monkeypatch.setattr(stream, "MIN_RANGE", 8 * BLOCK)
     monkeypatch.setattr(stream, "DIRECT_MIN_BYTES", 1)
 
 
-def _parts(sizes: list[int], seed: int = 0) -> tuple[list[Part], list[bytes]]:
-    rng = np.random.default_rng(seed)
-    blobs = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
-    parts = [Part(len(b), lambda i, j, b=b: np.frombuffer(b, dtype=np.uint8)[i:j], hashlib.sha256()) for b in blobs]
-    return parts, blobs
+class Parts:
+    """Parts of random bytes, read as the stream asks; ``fail_at`` makes one part's read raise."""
+
+    def __init__(self, sizes: list[int], seed: int = 0, fail_at: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        self.blobs = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+        self.sizes = sizes
+        self.fail_at = fail_at
+
+    def read(self, index: int, begin: int, end: int) -> np.ndarray:
+        if index == self.fail_at:
+            raise RuntimeError("tensor changed size")
+        return np.frombuffer(self.blobs[index], dtype=np.uint8)[begin:end]
 
 
-def _write(path: Path, parts: list[Part], head: bytes) -> None:
+def _write(path: Path, parts: Parts, head: bytes) -> list[str]:
     with open(path, "xb") as f:
-        with open_stream(f, sum(p.size for p in parts)) as s:
-            s.write(parts, hold=len(head))
+        with open_stream(f, sum(parts.sizes)) as s:
+            digests = s.write(parts.sizes, parts.read, hold=len(head), new_digest=hashlib.sha256)
             s.finish(head)
         assert f.tell() == os.fstat(f.fileno()).st_size  # the caller's file is left at the end
+    return digests
 
 
-def _check(path: Path, parts: list[Part], blobs: list[bytes], head: bytes) -> None:
-    expected = b"".join(blobs)
-    expected = head + expected[len(head) :]
-    assert path.read_bytes() == expected
-    assert [p.digest.hexdigest() for p in parts] == [hashlib.sha256(b).hexdigest() for b in blobs]  # type: ignore[union-attr]
+def _check(path: Path, digests: list[str], parts: Parts, head: bytes) -> None:
+    expected = b"".join(parts.blobs)
+    assert path.read_bytes() == head + expected[len(head) :]
+    assert digests == [hashlib.sha256(b).hexdigest() for b in parts.blobs]
 
 
 sizes_strategy = st.lists(
@@ -71,10 +80,10 @@ def test_file_and_digests_are_exact_for_any_layout(tmp_path_factory: Any, sizes:
     original = stream.HASH_THREADS
     stream.HASH_THREADS = threads
     try:
-        parts, blobs = _parts([head_size, *sizes])
+        parts = Parts([head_size, *sizes])
         head = bytes(range(256)) * (head_size // 256) + bytes(head_size % 256)
-        _write(directory / "f", parts, head)
-        _check(directory / "f", parts, blobs, head)
+        digests = _write(directory / "f", parts, head)
+        _check(directory / "f", digests, parts, head)
     finally:
         stream.HASH_THREADS = original
 
@@ -94,17 +103,17 @@ def test_ranges_are_block_aligned_and_cut_before_a_part(monkeypatch: pytest.Monk
 
 
 def test_a_part_spanning_several_ranges_is_hashed_whole(tmp_path: Path) -> None:
-    parts, blobs = _parts([100, 200 * BLOCK + 3, 10])
+    parts = Parts([100, 200 * BLOCK + 3, 10])
     head = b"H" * 100
-    _write(tmp_path / "f", parts, head)
-    _check(tmp_path / "f", parts, blobs, head)
+    digests = _write(tmp_path / "f", parts, head)
+    _check(tmp_path / "f", digests, parts, head)
 
 
 def test_head_longer_than_a_buffer(tmp_path: Path) -> None:
-    parts, blobs = _parts([9 * BLOCK + 5, 30 * BLOCK])
+    parts = Parts([9 * BLOCK + 5, 30 * BLOCK])
     head = b"x" * (9 * BLOCK + 5)
-    _write(tmp_path / "f", parts, head)
-    _check(tmp_path / "f", parts, blobs, head)
+    digests = _write(tmp_path / "f", parts, head)
+    _check(tmp_path / "f", digests, parts, head)
 
 
 @pytest.mark.skipif(not HAS_DIRECT, reason="O_DIRECT is Linux-only")
@@ -121,23 +130,23 @@ def test_large_files_bypass_the_page_cache(tmp_path: Path, monkeypatch: pytest.M
         real(self, buffer, length, offset)
 
     monkeypatch.setattr(stream.Stream, "_pwrite", spy)
-    parts, blobs = _parts([300, 50 * BLOCK + 1])
+    parts = Parts([300, 50 * BLOCK + 1])
     with open(tmp_path / "f", "xb") as f:
-        with open_stream(f, sum(p.size for p in parts)) as s:
-            s.write(parts, hold=300)
+        with open_stream(f, sum(parts.sizes)) as s:
+            digests = s.write(parts.sizes, parts.read, hold=300, new_digest=hashlib.sha256)
             s.finish(b"h" * 300)
         assert not fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT  # the caller's file is back to normal
     assert flags and all(flags)
-    _check(tmp_path / "f", parts, blobs, b"h" * 300)
+    _check(tmp_path / "f", digests, parts, b"h" * 300)
 
 
 def test_small_files_go_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "DIRECT_MIN_BYTES", 1 << 30)
     calls: list[bool] = []
     monkeypatch.setattr(stream, "_set_direct", lambda fd, on: calls.append(on) or True)
-    parts, blobs = _parts([64, 20 * BLOCK])
-    _write(tmp_path / "f", parts, b"h" * 64)
-    _check(tmp_path / "f", parts, blobs, b"h" * 64)
+    parts = Parts([64, 20 * BLOCK])
+    digests = _write(tmp_path / "f", parts, b"h" * 64)
+    _check(tmp_path / "f", digests, parts, b"h" * 64)
     assert calls == []
 
 
@@ -155,9 +164,9 @@ def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monke
 
     monkeypatch.setattr(stream, "_set_direct", _fake_set_direct)
     monkeypatch.setattr(os, "pwrite", pwrite)
-    parts, blobs = _parts([100, 40 * BLOCK + 9, 3])
-    _write(tmp_path / "f", parts, b"h" * 100)
-    _check(tmp_path / "f", parts, blobs, b"h" * 100)
+    parts = Parts([100, 40 * BLOCK + 9, 3])
+    digests = _write(tmp_path / "f", parts, b"h" * 100)
+    _check(tmp_path / "f", digests, parts, b"h" * 100)
     assert refused  # direct was tried, then given up
 
 
@@ -182,7 +191,7 @@ def test_a_failing_write_is_raised_and_stops_the_threads(tmp_path: Path, monkeyp
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    parts, _ = _parts([100, 60 * BLOCK])
+    parts = Parts([100, 60 * BLOCK])
     with pytest.raises(OSError) as info:
         _write(tmp_path / "f", parts, b"h" * 100)
     assert info.value.errno == errno.ENOSPC
@@ -190,11 +199,7 @@ def test_a_failing_write_is_raised_and_stops_the_threads(tmp_path: Path, monkeyp
 
 
 def test_a_failing_read_is_raised(tmp_path: Path) -> None:
-    def boom(begin: int, end: int) -> np.ndarray:
-        raise RuntimeError("tensor changed size")
-
-    parts, _ = _parts([100, 40 * BLOCK, 10])
-    parts.insert(2, Part(5 * BLOCK, boom, hashlib.sha256()))
+    parts = Parts([100, 40 * BLOCK, 5 * BLOCK, 10], fail_at=2)
     with pytest.raises(RuntimeError, match="changed size"):
         _write(tmp_path / "f", parts, b"h" * 100)
 
