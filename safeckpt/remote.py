@@ -59,6 +59,7 @@ from .loading import load_single_file as _load_local_file
 from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, manifest_bytes, read_manifest
 from .refs import AllowList
 from .saving import FORMATS, fold_model_kwargs, warn_fallback
+from .stream import hash_arrays
 from .urls import is_url
 
 __all__ = [
@@ -107,14 +108,14 @@ class FileRecord:
 def stream_single(f: BinaryIO, encoded: Encoded) -> tuple[int, str]:
     """Write a single-file checkpoint to ``f`` front to back, never seeking.
 
-    The tensors are hashed first (one extra pass over memory), so the header with
-    the final digests can be written before the data.
+    The tensors are hashed first (one extra pass over memory, large ones in
+    parallel), so the header with the final digests can be written before the data.
 
     Returns:
         (bytes written, SHA-256 of the length prefix and header).
     """
-    views = [entry.cpu_bytes().numpy() for entry in encoded.entries]
-    head = single_header(encoded, [hashlib.sha256(view.data).hexdigest() for view in views])
+    views = [entry.cpu_array() for entry in encoded.entries]
+    head = single_header(encoded, hash_arrays(views))
     f.write(head)
     size = len(head)
     for view in views:

@@ -44,13 +44,14 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Digest", "Stream", "open_stream"]
+__all__ = ["Digest", "Stream", "hash_arrays", "open_stream"]
 
 DIRECT_MIN_BYTES = 64 << 20  # smaller files go through the page cache: warm for a load right after
 BLOCK = 4096  # alignment of direct I/O offsets and lengths (a multiple of every common sector size)
 CHUNK = 4 << 20  # bytes per buffer (direct I/O): hashed from the cache, written in one call
 BUFFERED_CHUNK = 1 << 20  # through the page cache, where large writes gain nothing: less memory
 DEPTH = 3  # buffers per range: one being filled, the others being written
+INLINE_HASH = 1 << 20  # hash_arrays: smaller arrays are hashed by the calling thread
 HASH_THREADS = min(4, os.cpu_count() or 1)  # threads copying and hashing ranges (SHA-256 is the costliest step)
 WRITE_THREADS = 2  # writes in flight: the disk stays busy while one writer waits for the GIL
 MIN_RANGE = 16 << 20  # a range smaller than this is not worth a thread
@@ -306,6 +307,21 @@ def _datasync(fd: int) -> None:
         getattr(os, "fdatasync", os.fsync)(fd)  # macOS and Windows have no fdatasync
     except OSError:  # the final fsync reports real failures
         pass
+
+
+def hash_arrays(arrays: list[np.ndarray]) -> list[str]:
+    """SHA-256 hex digests of flat ``uint8`` arrays, the large ones on ``HASH_THREADS`` threads.
+
+    For writers that must know the digests before the data (a stream that cannot
+    seek back): the arrays are read from memory, without the cache-hot copy.
+    """
+
+    def digest(array: np.ndarray) -> str:
+        return hashlib.sha256(array.data).hexdigest()
+
+    with ThreadPoolExecutor(HASH_THREADS, "safeckpt-hash") as pool:
+        large = {i: pool.submit(digest, a) for i, a in enumerate(arrays) if a.size >= INLINE_HASH}
+        return [large[i].result() if i in large else digest(a) for i, a in enumerate(arrays)]
 
 
 def _nothing(index: int, begin: int, end: int) -> np.ndarray:

@@ -246,3 +246,9 @@ def test_entry_bytes_are_read_in_slices(tmp_path: Path) -> None:
     assert np.array_equal(entry.cpu_bytes().numpy(), whole)
     assert np.array_equal(entry.cpu_bytes(5, 17).numpy(), whole[5:17])
     assert np.array_equal(entry.cpu_bytes(3990).numpy(), whole[3990:])
+
+
+def test_hash_arrays_match_hashlib_for_small_and_large_arrays() -> None:
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in (0, 7, stream.INLINE_HASH - 1, stream.INLINE_HASH, 3 << 20)]
+    assert stream.hash_arrays(arrays) == [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
