@@ -339,7 +339,8 @@ def skeleton_bytes(header: Header, limits: Limits) -> bytes:
     if int(version) > FORMAT_VERSION:
         raise _bad(header.path, f"written in safeckpt format version {version}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
     text = header.metadata[META_SKELETON]
-    limits.check("max_skeleton_bytes", len(text) * 3 // 4, what="the skeleton size", file=header.path)
+    decoded_size = len(text) * 3 // 4 - len(text[-2:]) + len(text[-2:].rstrip("="))  # exact for valid base64
+    limits.check("max_skeleton_bytes", decoded_size, what="the skeleton size", file=header.path)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

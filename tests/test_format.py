@@ -121,12 +121,15 @@ def test_header_limits_at_and_past_the_boundary(tmp_path: Path, limit: str) -> N
     assert info.value.limit == limit and info.value.maximum == actual - 1
 
 
-def test_skeleton_size_limit(tmp_path: Path) -> None:
-    path = safeckpt.save_single_file(None, {"text": "x" * 10_000}, tmp_path / "s.safeckpt")
+@pytest.mark.parametrize("extra", [0, 1, 2])  # every length modulo 3: base64 padding of 0, 2 and 1 "="
+def test_skeleton_size_limit_at_and_past_the_boundary(tmp_path: Path, extra: int) -> None:
+    text = "x" * (10_000 + extra)
+    path = safeckpt.save_single_file(None, {"text": text}, tmp_path / "s.safeckpt")
+    size = len(base64.b64decode(_header(path)[1]["__metadata__"]["safeckpt.skeleton"]))
+    assert safeckpt.load(path, limits=Limits(max_skeleton_bytes=size))["text"] == text
     with pytest.raises(safeckpt.LimitExceededError) as info:
-        safeckpt.load(path, limits=Limits(max_skeleton_bytes=1000))
-    assert info.value.limit == "max_skeleton_bytes"
-    assert safeckpt.load(path, limits=Limits(max_skeleton_bytes=20_000))["text"] == "x" * 10_000
+        safeckpt.load(path, limits=Limits(max_skeleton_bytes=size - 1))
+    assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_skeleton_bytes", size - 1, size)
 
 
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
