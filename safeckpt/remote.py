@@ -59,7 +59,7 @@ from .loading import load_single_file as _load_local_file
 from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, manifest_bytes, read_manifest
 from .refs import AllowList
 from .saving import FORMATS, fold_model_kwargs, warn_fallback
-from .stream import hash_arrays
+from .stream import hash_parts, pieces
 from .urls import is_url
 
 __all__ = [
@@ -110,19 +110,23 @@ def stream_single(f: BinaryIO, encoded: Encoded) -> tuple[int, str]:
 
     The tensors are hashed first (one extra pass over memory, large ones in
     parallel), so the header with the final digests can be written before the data.
+    Tensors are read in pieces: host memory stays bounded when they live on an accelerator.
 
     Returns:
         (bytes written, SHA-256 of the length prefix and header).
     """
-    views = [entry.cpu_array() for entry in encoded.entries]
-    head = single_header(encoded, hash_arrays(views))
+    entries = encoded.entries
+    sizes = [entry.nbytes for entry in entries]
+
+    def read(index: int, begin: int, end: int) -> np.ndarray:
+        return entries[index].cpu_array(begin, end)
+
+    head = single_header(encoded, hash_parts(sizes, read))
     f.write(head)
-    size = len(head)
-    for view in views:
-        if view.size:
-            f.write(view.data)
-            size += view.size
-    return size, hashlib.sha256(head).hexdigest()
+    for index, nbytes in enumerate(sizes):
+        for begin, end in pieces(0, nbytes):
+            f.write(read(index, begin, end).data)
+    return len(head) + sum(sizes), hashlib.sha256(head).hexdigest()
 
 
 class Store:

@@ -8,8 +8,8 @@ cache (1.5x faster than hashing from memory, and hashing from another thread
 loses that); a writer pool writes the full buffers at their offsets. A digest
 is fed by the range where its part starts; the one part that runs on into the
 next range finishes its digest from its source afterwards. Memory stays at a
-few buffers per range whatever the size of the file, and a copy made for the
-save (an accelerator's tensor) is dropped once it is in the buffers.
+few buffers per range whatever the size of the file: parts are read ``PIECE``
+bytes at a time, so an accelerator's tensor is copied to the host piece by piece.
 
 On Linux, files of at least ``DIRECT_MIN_BYTES`` are written with ``O_DIRECT``:
 from the buffers straight to the disk, without copying them into the page cache
@@ -44,14 +44,15 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Digest", "Stream", "hash_arrays", "open_stream"]
+__all__ = ["Digest", "Stream", "hash_parts", "open_stream", "pieces"]
 
 DIRECT_MIN_BYTES = 64 << 20  # smaller files go through the page cache: warm for a load right after
 BLOCK = 4096  # alignment of direct I/O offsets and lengths (a multiple of every common sector size)
 CHUNK = 4 << 20  # bytes per buffer (direct I/O): hashed from the cache, written in one call
 BUFFERED_CHUNK = 1 << 20  # through the page cache, where large writes gain nothing: less memory
 DEPTH = 3  # buffers per range: one being filled, the others being written
-INLINE_HASH = 1 << 20  # hash_arrays: smaller arrays are hashed by the calling thread
+INLINE_HASH = 1 << 20  # hash_parts: smaller parts are hashed by the calling thread
+PIECE = 16 << 20  # most bytes of a part read at once: an accelerator's tensor is copied to the host piece by piece
 HASH_THREADS = min(4, os.cpu_count() or 1)  # threads copying and hashing ranges (SHA-256 is the costliest step)
 WRITE_THREADS = 2  # writes in flight: the disk stays busy while one writer waits for the GIL
 MIN_RANGE = 16 << 20  # a range smaller than this is not worth a thread
@@ -98,9 +99,9 @@ class Stream:
         """Write parts of ``sizes`` bytes from offset 0, keeping the first ``hold`` bytes for :meth:`finish`.
 
         ``read(index, begin, end)`` gives bytes ``[begin, end)`` of part ``index`` as a flat
-        ``uint8`` array, when they are written (nothing is allocated per part up front: with
-        20,000 parts, the garbage collector's passes over the caller's objects would cost more
-        than the writing).
+        ``uint8`` array, when they are written, at most ``PIECE`` bytes at a time (nothing is
+        allocated per part up front: with 20,000 parts, the garbage collector's passes over the
+        caller's objects would cost more than the writing).
 
         Returns:
             the hex digest of each part, from ``new_digest`` objects that live only while
@@ -178,7 +179,8 @@ class Stream:
                 continue
             digest = new_digest() if start >= lo else None
             begin, end = max(lo, start) - start, min(hi, start + size) - start
-            buffers.copy(read(index, begin, end), start + begin, digest)
+            for piece_begin, piece_end in pieces(begin, end):
+                buffers.copy(read(index, piece_begin, piece_end), start + piece_begin, digest)
             if digest is None:
                 continue
             if end < size:
@@ -187,7 +189,8 @@ class Stream:
                 self._digests[index] = digest.hexdigest()
         buffers.flush()
         for index, digest, end in unfinished:  # the part running on into the next range: the rest from its source
-            digest.update(read(index, end, sizes[index]))
+            for piece_begin, piece_end in pieces(end, sizes[index]):
+                digest.update(read(index, piece_begin, piece_end))
             self._digests[index] = digest.hexdigest()
 
     # ------------------------------------------------------------------ the file
@@ -309,19 +312,29 @@ def _datasync(fd: int) -> None:
         pass
 
 
-def hash_arrays(arrays: list[np.ndarray]) -> list[str]:
-    """SHA-256 hex digests of flat ``uint8`` arrays, the large ones on ``HASH_THREADS`` threads.
+def hash_parts(sizes: list[int], read: Callable[[int, int, int], np.ndarray]) -> list[str]:
+    """SHA-256 hex digests of parts of ``sizes`` bytes, read as in :meth:`Stream.write`; the
+    large parts on ``HASH_THREADS`` threads.
 
-    For writers that must know the digests before the data (a stream that cannot
-    seek back): the arrays are read from memory, without the cache-hot copy.
+    For writers that must know the digests before the data (a stream that cannot seek
+    back): the bytes are hashed from memory, without the cache-hot copy, and read again
+    to be written (an accelerator's tensor is copied to the host twice, a piece at a time).
     """
 
-    def digest(array: np.ndarray) -> str:
-        return hashlib.sha256(array.data).hexdigest()
+    def digest(index: int) -> str:
+        h = hashlib.sha256()
+        for begin, end in pieces(0, sizes[index]):
+            h.update(read(index, begin, end))
+        return h.hexdigest()
 
     with ThreadPoolExecutor(HASH_THREADS, "safeckpt-hash") as pool:
-        large = {i: pool.submit(digest, a) for i, a in enumerate(arrays) if a.size >= INLINE_HASH}
-        return [large[i].result() if i in large else digest(a) for i, a in enumerate(arrays)]
+        large = {i: pool.submit(digest, i) for i, size in enumerate(sizes) if size >= INLINE_HASH}
+        return [large[i].result() if i in large else digest(i) for i in range(len(sizes))]
+
+
+def pieces(begin: int, end: int) -> Iterator[tuple[int, int]]:
+    """``[begin, end)`` cut into ranges of at most ``PIECE`` bytes."""
+    return ((b, min(end, b + PIECE)) for b in range(begin, end, PIECE))
 
 
 def _nothing(index: int, begin: int, end: int) -> np.ndarray:

@@ -248,7 +248,59 @@ def test_entry_bytes_are_read_in_slices(tmp_path: Path) -> None:
     assert np.array_equal(entry.cpu_bytes(3990).numpy(), whole[3990:])
 
 
-def test_hash_arrays_match_hashlib_for_small_and_large_arrays() -> None:
-    rng = np.random.default_rng(1)
-    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in (0, 7, stream.INLINE_HASH - 1, stream.INLINE_HASH, 3 << 20)]
-    assert stream.hash_arrays(arrays) == [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
+class Recording(Parts):
+    """:class:`Parts` that remember the longest read."""
+
+    longest = 0
+
+    def read(self, index: int, begin: int, end: int) -> np.ndarray:
+        self.longest = max(self.longest, end - begin)
+        return super().read(index, begin, end)
+
+
+def test_hash_parts_match_hashlib_reading_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "PIECE", 3 * BLOCK + 5)
+    inline = stream.INLINE_HASH
+    parts = Recording([0, 7, inline - 1, inline, 3 * inline + 11, 3 * BLOCK + 5, 3 * BLOCK + 6])
+    assert stream.hash_parts(parts.sizes, parts.read) == [hashlib.sha256(b).hexdigest() for b in parts.blobs]
+    assert parts.longest == 3 * BLOCK + 5
+
+
+def test_stream_reads_at_most_a_piece_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "PIECE", 2 * BLOCK + 3)  # smaller than a buffer and than a range
+    monkeypatch.setattr(stream, "HASH_THREADS", 2)
+    parts = Recording([100, 40 * BLOCK + 9, 3, 25 * BLOCK])  # the large parts span buffers and ranges
+    head = b"h" * 100
+    digests = _write(tmp_path / "p.bin", parts, head)
+    _check(tmp_path / "p.bin", digests, parts, head)
+    assert parts.longest == 2 * BLOCK + 3
+
+
+def test_remote_stream_reads_tensors_a_piece_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from safeckpt import container, remote
+    from safeckpt.limits import DEFAULT_LIMITS
+
+    monkeypatch.setattr(stream, "PIECE", 1000)
+    state = {"big": torch.arange(3000, dtype=torch.float32), "small": torch.ones(3), "empty": torch.ones(0)}
+    encoded = container.encode_state(state, DEFAULT_LIMITS)
+    longest = 0
+    read = safeckpt.tensors.Entry.cpu_array
+
+    def recording(entry: Any, begin: int = 0, end: int | None = None) -> np.ndarray:
+        nonlocal longest
+        array = read(entry, begin, end)
+        longest = max(longest, array.size)
+        return array
+
+    monkeypatch.setattr(safeckpt.tensors.Entry, "cpu_array", recording)
+    out = io.BytesIO()
+    size, _ = remote.stream_single(out, encoded)
+    assert longest == 1000 and size == len(out.getvalue())
+    path = tmp_path / "streamed.safeckpt"
+    path.write_bytes(out.getvalue())
+    loaded = safeckpt.load(path, verify=True)
+    assert sorted(loaded) == sorted(state)
+    for key, tensor in state.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
