@@ -324,7 +324,7 @@ def hash_parts(sizes: list[int], read: Callable[[int, int, int], np.ndarray]) ->
     def digest(index: int) -> str:
         h = hashlib.sha256()
         for begin, end in pieces(0, sizes[index]):
-            h.update(read(index, begin, end))
+            h.update(read(index, begin, end).data)
         return h.hexdigest()
 
     with ThreadPoolExecutor(HASH_THREADS, "safeckpt-hash") as pool:
