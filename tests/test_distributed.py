@@ -381,6 +381,95 @@ def test_fsdp2_sharded_checkpoint_reshards_and_consolidates(tmp_path: Path) -> N
     assert merged["model_kwargs"] == {"hidden": 7} and merged["sde_class"].qualname == "Linear"
 
 
+SHARD = "shard-00001-model-00001-of-00001.safetensors"
+
+
+def _edit_shard_header(directory: Path, old: str, new: str, shard: str = SHARD) -> None:
+    """Replace ``old`` by ``new`` in a shard's JSON header, padding with spaces so the file keeps its size."""
+    path = directory / SHARD_DIR / shard
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + length].decode()
+    assert old in header and len(new) <= len(old)
+    edited = header.replace(old, new).encode()
+    path.write_bytes(raw[:8] + edited + b" " * (length - len(edited)) + raw[8 + length :])
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('"w\\": {\\"saved_offsets\\": [0, 0]', '"w\\": {\\"saved_offsets\\": [1, 0]', "does not fit"),
+        ('"w\\": {\\"saved_offsets\\": [0, 0]', '"w\\": {\\"saved_offsets\\": [0]', "does not fit"),
+        ('"w\\": {\\"saved_offsets\\": [0, 0]', '"w\\": {\\"saved_offsets\\": \\"00\\"', "malformed saved offsets"),
+        ("DCP_SHARDING_INFO", "DCP_SHARDING_INFX", "no valid DCP_SHARDING_INFO"),
+        ('{\\"w', '[\\"w', "no valid DCP_SHARDING_INFO"),
+        ('"b":{"dtype"', '"c":{"dtype"', "not in the checkpoint's table"),
+        ('"w":{"dtype":"F32"', '"w":{"dtype":"I32"', "does not fit"),
+        ('"shape":[2,3]', '"shape":[3,2]', "does not fit"),
+        ('"data_offsets":[12,36]', '"data_offsets":[12,37]', "outside|needs 24 bytes"),
+    ],
+)
+def test_hostile_shards_are_refused_before_dcp_reads_them(tmp_path: Path, old: str, new: str, message: str) -> None:
+    save_sharded(None, {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, tmp_path / "c")
+    _edit_shard_header(tmp_path / "c", old, new)
+    with pytest.raises(safeckpt.CheckpointFormatError, match=message):
+        load_sharded(tmp_path / "c")
+
+
+def _rewrite_index(directory: Path, shape: list[int], second_shard: bool = False) -> None:
+    """Rewrite the index as a hostile one would: every tensor of ``shape``, and with ``second_shard``
+    a copy of the shard as a second rank's file."""
+    from safeckpt.distributed.sharded import _meta_bytes_writer
+    from safeckpt.io import atomic_write
+
+    shards = directory / SHARD_DIR
+    if second_shard:
+        (shards / SECOND_SHARD).write_bytes((shards / SHARD).read_bytes())
+    with safeckpt.Checkpoint(directory / META_NAME) as ckpt:
+        doc = ckpt.load()
+    doc["tensors"] = [[*item[:3], shape] for item in doc["tensors"]]
+    doc["shards"] = [[p.name, p.stat().st_size] for p in sorted(shards.iterdir())]
+    atomic_write(directory / META_NAME, _meta_bytes_writer(doc))
+
+
+SECOND_SHARD = SHARD.replace("00001-model", "00002-model")
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ([1 << 40, 3], "hold 6 elements of its 3298534883328"),  # 12 TB: refused before anything is allocated
+        ([4, 3], "hold 6 elements of its 12"),
+        ([2, 4], "hold 6 elements of its 8"),
+    ],
+)
+def test_an_index_promising_more_than_its_shards_hold_is_refused(tmp_path: Path, shape: list[int], message: str) -> None:
+    save_sharded(None, {"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "c")
+    _rewrite_index(tmp_path / "c", shape)
+    with pytest.raises(safeckpt.CheckpointFormatError, match=message):
+        load_sharded(tmp_path / "c")
+
+
+def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
+    # one saved chunk, copied as a second rank's file: both at offset 0 of a tensor twice as long
+    save_sharded(None, {"w": torch.arange(4.0)}, tmp_path / "c")
+    _rewrite_index(tmp_path / "c", [8], second_shard=True)
+    with pytest.raises(safeckpt.CheckpointFormatError, match=r"reach \[4\], not its far corner \[8\]"):
+        load_sharded(tmp_path / "c")
+    _edit_shard_header(tmp_path / "c", "[0]", "[4]", SECOND_SHARD)  # [0, 4) and [4, 8): a valid set
+    assert torch.equal(load_sharded(tmp_path / "c")["w"], torch.arange(4.0).repeat(2))
+
+    # a [1, 2] and a [2, 1] chunk at the same corner of a [2, 2] tensor: count and reach are right
+    save_sharded(None, {"w": torch.tensor([[1.0, 2.0]])}, tmp_path / "d")
+    _rewrite_index(tmp_path / "d", [2, 2], second_shard=True)
+    _edit_shard_header(tmp_path / "d", '"shape":[1,2]', '"shape":[2,1]', SECOND_SHARD)
+    with pytest.raises(safeckpt.CheckpointFormatError, match="start twice at the same offset"):
+        load_sharded(tmp_path / "d")
+    _edit_shard_header(tmp_path / "d", '"shape":[2,1]', '"shape":[1,2]', SECOND_SHARD)
+    _edit_shard_header(tmp_path / "d", "[0, 0]", "[1, 0]", SECOND_SHARD)
+    assert torch.equal(load_sharded(tmp_path / "d")["w"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+
+
 def test_sharded_checkpoint_in_one_process_and_its_integrity_checks(tmp_path: Path) -> None:
     state = {"w": torch.arange(6.0).reshape(2, 3).t(), "tied": {"a": torch.ones(3)}, "n": [1, "x"]}
     state["tied"]["b"] = state["tied"]["a"]

@@ -26,6 +26,8 @@ skeleton file. No file of a sharded checkpoint is a pickle.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import warnings
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint
-from ..container import encode_state, skeleton_file_bytes, write_single
+from ..container import encode_state, read_header, skeleton_file_bytes, write_single
 from ..errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from ..handler import Reporter
 from ..io import atomic_write, fsync_dir
@@ -53,6 +55,7 @@ SHARD_DIR = "safeckpt-shards"
 FORMAT = "safeckpt-sharded"
 FORMAT_VERSION = 1
 _SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.safetensors\Z")
+_SHARDING_INFO = "DCP_SHARDING_INFO"  # a shard's __metadata__ key: JSON {key: {"saved_offsets": [...]}} (DCP's hf_storage)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -230,6 +233,7 @@ def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -
         limits.check("max_dims", len(item[3]), what=f"the rank of tensor {item[1]!r:.200}", file=str(meta))
         slots.append(Slot(item[0], item[1], item[2], tuple(item[3])))
     _check_shards(root, expected)
+    _check_chunks(root, sorted(expected), slots, limits)
     return doc["state"], slots
 
 
@@ -245,6 +249,70 @@ def _check_shards(root: Path, expected: dict[str, int]) -> None:
             f"{shard_dir} does not match {root / META_NAME}: missing {missing}, unexpected {extra}, resized {resized}",
             file=str(shard_dir),
         )
+
+
+def _check_chunks(root: Path, shards: list[str], slots: list[Slot], limits: Limits) -> None:
+    """Every shard is a valid safetensors file whose chunks lie inside tensors of the table, and
+    together they hold each tensor's every element (their element counts add up to the tensor's,
+    they reach its far corner, no two start at the same place).
+
+    Done before DCP reads the shards or anything is allocated: the table's shapes are then backed
+    by bytes on disk (no allocation bomb), and DCP meets no malformed file.
+    """
+    table = {slot.key: slot for slot in slots}
+    chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {key: [] for key in table}
+    for name in shards:
+        path = root / SHARD_DIR / name
+        header = read_header(path, limits)
+        offsets = _sharding_info(path, header.metadata)
+        for key, info in header.entries.items():
+            slot, offset = table.get(key), offsets.get(key)
+            if slot is None or offset is None:
+                raise _bad_shard(path, f"tensor {key!r:.200} is not in the checkpoint's table or has no saved offsets")
+            if info.dtype != slot.dtype or len(offset) != len(slot.shape) or len(info.shape) != len(slot.shape) or any(
+                o + n > g for o, n, g in zip(offset, info.shape, slot.shape)
+            ):
+                raise _bad_shard(path, f"chunk of {key!r:.200} ({info.dtype}, {list(info.shape)} at {offset}) does not fit "
+                                       f"the tensor ({slot.dtype}, {list(slot.shape)})")
+            chunks[key].append((tuple(offset), info.shape))
+    for key, pieces in chunks.items():
+        shape = table[key].shape
+        elements = sum(math.prod(size) for _, size in pieces)
+        reach = tuple(max(column) for column in zip(*(_ends(o, n) for o, n in pieces))) if pieces else ()
+        if elements != math.prod(shape):
+            problem = f"hold {elements} elements of its {math.prod(shape)} ({list(shape)})"
+        elif elements and reach != shape:
+            problem = f"reach {list(reach)}, not its far corner {list(shape)}"
+        elif len({o for o, _ in pieces}) != len(pieces):
+            problem = "start twice at the same offset"
+        else:
+            continue
+        raise CheckpointFormatError(f"{root / SHARD_DIR}: the chunks of tensor {key!r:.200} {problem}", file=str(root / SHARD_DIR))
+
+
+def _ends(offset: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(o + n for o, n in zip(offset, size))
+
+
+def _sharding_info(path: Path, metadata: dict[str, str]) -> dict[str, list[int]]:
+    """The shard's saved offsets per tensor key, validated."""
+    try:
+        info = json.loads(metadata[_SHARDING_INFO])
+    except (KeyError, ValueError, RecursionError) as exc:
+        raise _bad_shard(path, f"no valid {_SHARDING_INFO} in its metadata") from exc
+    if type(info) is not dict:
+        raise _bad_shard(path, f"{_SHARDING_INFO} is not a JSON object")
+    out = {}
+    for key, value in info.items():
+        offset = value.get("saved_offsets") if type(value) is dict else None
+        if type(offset) is not list or not all(type(o) is int and o >= 0 for o in offset):
+            raise _bad_shard(path, f"malformed saved offsets for {key!r:.200} in {_SHARDING_INFO}")
+        out[key] = offset
+    return out
+
+
+def _bad_shard(path: Path, message: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{path}: {message}", file=str(path))
 
 
 def _destinations(
@@ -266,7 +334,7 @@ def _destinations(
     for slot in slots:
         dest = wanted.get(slot.path)
         if dest is None:
-            out[slot.path] = torch.empty(slot.shape, dtype=slot.dtype, device=device)
+            out[slot.path] = torch.zeros(slot.shape, dtype=slot.dtype, device=device)  # a crafted overlap leaves no stale memory
             continue
         if tuple(dest.shape) != slot.shape or dest.dtype != slot.dtype:
             raise ValueError(
@@ -315,7 +383,8 @@ def load_sharded(
     Raises:
         FileNotFoundError: if ``path`` holds no committed sharded checkpoint.
         IntegrityError: if the shard files are not exactly those recorded.
-        CheckpointFormatError: if the index file is corrupt.
+        CheckpointFormatError: if the index file or a shard is corrupt, or the shards' chunks
+            do not tile the tensors the index declares.
         ComponentNotFoundError: with ``strict``, a tensor of ``state`` the checkpoint lacks.
         ValueError: a tensor whose global shape or dtype differs from the saved one.
     """
