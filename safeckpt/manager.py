@@ -58,6 +58,8 @@ MARKER = "COMMITTED"
 LOCK = "WRITING"
 MARKER_FORMAT = "safeckpt-step"
 MARKER_VERSION = 1
+MAX_MARKER_BYTES = 16 << 20  # a marker or lock larger than this is not one safeckpt wrote (the step is incomplete)
+MAX_METRICS_BYTES = 1 << 20  # what a save may record as metrics: its marker stays far below MAX_MARKER_BYTES
 BASE = "checkpoint"
 _STEP_DIR = re.compile(r"step_([0-9]{12,})\Z")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_.%#-][A-Za-z0-9_.%#+ -]{0,254}\Z")
@@ -77,6 +79,9 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError(f"metric {name!r} must be a number or str, got {type(value).__name__}")
         out[name] = value
+    size = len(json.dumps(out).encode())
+    if size > MAX_METRICS_BYTES:
+        raise ValueError(f"the metrics take {size} bytes as JSON; a step records at most {MAX_METRICS_BYTES}")
     return out
 
 
@@ -164,7 +169,7 @@ class CheckpointManager:
             blocking: write now (``True``) or in the background.
 
         Raises:
-            ValueError: if ``step`` is negative or already saved.
+            ValueError: if ``step`` is negative or already saved, or ``metrics`` exceed 1 MiB as JSON.
             UnsupportedValueError: with ``format="safe"``, naming a value the format cannot hold.
             Exception: the failure of the previous background save, if it failed (that step is not committed).
             OSError: if writing fails (blocking saves).
@@ -237,14 +242,18 @@ class CheckpointManager:
         """The valid marker of ``step``, or ``None`` (incomplete or missing)."""
         if step in self._markers:
             return self._markers[step]
-        try:
-            document = json.loads(self._store.read(f"{_step_dir(step)}/{MARKER}"))
-        except (OSError, ValueError):
-            return None
+        document = self._read_json(f"{_step_dir(step)}/{MARKER}")
         if not self._valid_marker(document, step):
             return None
         self._markers[step] = document
         return document
+
+    def _read_json(self, rel: str) -> Any:
+        """The JSON document of a marker or lock, or ``None`` if it is missing, torn, oversized or malformed."""
+        try:
+            return json.loads(self._store.read(rel, MAX_MARKER_BYTES))
+        except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return None
 
     @staticmethod
     def _valid_marker(doc: Any, step: int) -> bool:
@@ -393,10 +402,7 @@ class CheckpointManager:
 
     def _abandoned(self, name: str) -> bool:
         """True when the step's ``WRITING`` lock names this host and a process that is not writing it."""
-        try:
-            lock = json.loads(self._store.read(f"{name}/{LOCK}"))
-        except (OSError, ValueError):
-            return False
+        lock = self._read_json(f"{name}/{LOCK}")
         if type(lock) is not dict or lock.get("host") != socket.gethostname() or type(lock.get("pid")) is not int:
             return False
         return lock["pid"] == os.getpid() or not pid_alive(lock["pid"])

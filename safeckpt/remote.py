@@ -210,12 +210,20 @@ class Store:
 
     # reading -----------------------------------------------------------------------
 
-    def read(self, rel: str) -> bytes:
-        """The whole file (small files: markers, manifests)."""
+    def read(self, rel: str, max_bytes: int) -> bytes:
+        """The whole of a small file (a marker, a lock), read only up to one byte past ``max_bytes``.
+
+        Raises:
+            ValueError: if the file holds more than ``max_bytes``.
+        """
         if self.local:
             with builtins.open(self.path(rel), "rb") as f:
-                return f.read()
-        return bytes(self.fs.cat_file(self.path(rel)))
+                data = f.read(max_bytes + 1)
+        else:
+            data = bytes(self.fs.cat_file(self.path(rel), start=0, end=max_bytes + 1))
+        if len(data) > max_bytes:
+            raise ValueError(f"{self.display(rel)} is larger than {max_bytes} bytes")
+        return data
 
     def listdir(self, rel: str = "") -> dict[str, int | None]:
         """``{name: size}`` of the entries of a directory (``None`` for subdirectories); empty if missing."""

@@ -133,6 +133,53 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.parametrize(
+    "marker",
+    [
+        b"[" * 200_000 + b"]" * 200_000,  # deeper than the JSON parser's recursion
+        b"\xff\xfe{}",  # not UTF-8
+        b'{"format": "safeckpt-step", "pad": "' + b"x" * (17 << 20) + b'"}',  # past MAX_MARKER_BYTES
+        b"null",
+    ],
+    ids=["deep", "not-utf8", "oversized", "null"],
+)
+def test_hostile_markers_and_locks_make_a_step_incomplete(tmp_path: Path, marker: bytes) -> None:
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(5, _state(5))
+    hostile = tmp_path / "step_000000000007"
+    hostile.mkdir()
+    (hostile / "COMMITTED").write_bytes(marker)
+    (hostile / "WRITING").write_bytes(marker)
+    assert mgr.all_steps() == [5] and mgr.latest() == 5
+    with pytest.raises(FileNotFoundError):
+        mgr.restore(7)
+    CheckpointManager(tmp_path)  # a lock it cannot read is never taken for this host's: the step stays
+    assert hostile.exists()
+
+
+def test_a_marker_read_stops_one_byte_past_its_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(5, _state(5), {"loss": 0.5})
+    size = (tmp_path / "step_000000000005" / "COMMITTED").stat().st_size
+    monkeypatch.setattr(safeckpt.manager, "MAX_MARKER_BYTES", size)
+    assert CheckpointManager(tmp_path).all_steps() == [5]
+    monkeypatch.setattr(safeckpt.manager, "MAX_MARKER_BYTES", size - 1)
+    assert CheckpointManager(tmp_path).all_steps() == []
+    store = Store(tmp_path)
+    assert store.read("step_000000000005/COMMITTED", size) == (tmp_path / "step_000000000005" / "COMMITTED").read_bytes()
+    with pytest.raises(ValueError, match=f"larger than {size - 1} bytes"):
+        store.read("step_000000000005/COMMITTED", size - 1)
+
+
+def test_metrics_too_large_for_a_marker_are_refused_before_writing(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match="metrics take"):
+        mgr.save(1, _state(1), {"notes": "x" * (1 << 20)})
+    assert os.listdir(tmp_path) == []
+    mgr.save(1, _state(1), {"notes": "x" * 1000})
+    assert mgr.metrics(1) == {"notes": "x" * 1000}
+
+
 def test_incomplete_steps_are_ignored_and_cleaned_by_rule(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path)
     mgr.save(5, _state(5))
