@@ -470,6 +470,20 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
     assert torch.equal(load_sharded(tmp_path / "d")["w"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
 
 
+def test_sharded_limits_apply_to_shards_and_consolidate(tmp_path: Path) -> None:
+    save_sharded(None, {"w": torch.zeros(2, 3, 4), "b": torch.ones(3)}, tmp_path / "c")
+    for load in (lambda limits: load_sharded(tmp_path / "c", limits=limits),
+                 lambda limits: consolidate(tmp_path / "c", tmp_path / "one.safeckpt", limits=limits)):
+        with pytest.raises(safeckpt.LimitExceededError) as info:
+            load(safeckpt.Limits(max_dims=2))  # checked in the index's table
+        assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_dims", 2, 3)
+        with pytest.raises(safeckpt.LimitExceededError) as info:
+            load(safeckpt.Limits(max_tensors=1))  # checked in the shard's header (the index holds no tensor)
+        assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_tensors", 1, 2)
+        load(safeckpt.Limits(max_dims=3, max_tensors=2))
+    assert torch.equal(safeckpt.load(tmp_path / "one.safeckpt")["w"], torch.zeros(2, 3, 4))
+
+
 def test_sharded_checkpoint_in_one_process_and_its_integrity_checks(tmp_path: Path) -> None:
     state = {"w": torch.arange(6.0).reshape(2, 3).t(), "tied": {"a": torch.ones(3)}, "n": [1, "x"]}
     state["tied"]["b"] = state["tied"]["a"]

@@ -372,7 +372,7 @@ def load_sharded(
         device: where tensors that ``state`` does not provide are placed.
         allowed_globals: class references that may be imported (others stay ``GlobalRef``).
         strict: raise if ``state`` has a tensor the checkpoint lacks.
-        limits: bounds on what the index file may declare.
+        limits: bounds on what the index and shard files may declare.
         no_dist: read in this process only, even if a process group is initialised
             (what :func:`consolidate` does).
 
@@ -413,7 +413,9 @@ def load_sharded(
     return merged  # type: ignore[no-any-return]
 
 
-def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str], *, nn_handler: Any = None) -> Path:
+def consolidate(
+    path: str | os.PathLike[str], out: str | os.PathLike[str], *, nn_handler: Any = None, limits: Limits = DEFAULT_LIMITS
+) -> Path:
     """Merge a sharded checkpoint into one safeckpt file that loads without ``torch.distributed``.
 
     Runs in this process only (call it on one rank, or offline): every tensor is
@@ -424,13 +426,14 @@ def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str], *, nn
         path: the sharded checkpoint directory.
         out: the single file to write (atomically).
         nn_handler: any object or ``None``, for logging and error routing.
+        limits: bounds on what the index and shard files may declare.
 
     Returns:
         ``out``.
 
     Raises:
-        FileNotFoundError, IntegrityError, CheckpointFormatError: as :func:`load_sharded`.
+        FileNotFoundError, IntegrityError, CheckpointFormatError, LimitExceededError: as :func:`load_sharded`.
         OSError: if ``out`` cannot be written.
     """
-    state = load_sharded(path, None, nn_handler=nn_handler, device="cpu", no_dist=True)
+    state = load_sharded(path, None, nn_handler=nn_handler, device="cpu", limits=limits, no_dist=True)
     return save_single_file(nn_handler, state, out)
