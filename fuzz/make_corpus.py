@@ -10,6 +10,8 @@ Creates ``OUTDIR/<harness>/`` for each harness of ``targets.TARGETS``:
   component's key and value bins, the state attributes, standalone skeleton files;
 - ``manifest``: mode byte + manifest JSON (valid and broken variants), mode byte +
   component files (see ``targets.manifest``);
+- ``sharded``: mode byte + the shard file of a fixed sharded checkpoint (valid and with
+  broken chunk placements), mode byte + its index (see ``targets.sharded``);
 - ``legacy`` and ``scan``: torch.save zip files, ``_use_new_zipfile_serialization=False``
   files, bare pickles of protocols 0-5, malicious pickles (os.system and friends via
   ``__reduce__``, built by pickling, never executed), plus for ``scan`` the safe formats.
@@ -224,6 +226,28 @@ def _manifest_seeds(tmp: Path) -> Iterator[tuple[str, bytes]]:
     yield "m3_pickle", b"\x03" + pickle.dumps({"a": 1}, protocol=2)
 
 
+def _sharded_seeds(tmp: Path) -> Iterator[tuple[str, bytes]]:
+    directory = tmp / "sharded"
+    targets.write_fixed_sharded(directory)
+    shard = (directory / "safeckpt-shards" / targets.SHARD).read_bytes()
+    index = (directory / "safeckpt-sharded.msgpack").read_bytes()
+    yield "s0_shard", b"\x00" + shard
+    yield "s1_index", b"\x01" + index
+    length = int.from_bytes(shard[:8], "little")
+    header = json.loads(shard[8 : 8 + length])
+    info = json.loads(header["__metadata__"]["DCP_SHARDING_INFO"])
+
+    def variant(name: str, **changes: Any) -> tuple[str, bytes]:
+        edited = {**header, "__metadata__": {**header["__metadata__"], **changes}}
+        text = json.dumps(edited).encode()
+        return name, b"\x00" + len(text).to_bytes(8, "little") + text + shard[8 + length :]
+
+    yield variant("s0_offsets_outside", DCP_SHARDING_INFO=json.dumps({**info, "w": {"saved_offsets": [1, 0]}}))
+    yield variant("s0_offsets_wrong_rank", DCP_SHARDING_INFO=json.dumps({**info, "w": {"saved_offsets": [0]}}))
+    yield variant("s0_no_sharding_info", DCP_SHARDING_INFO="")
+    yield variant("s0_sharding_info_list", DCP_SHARDING_INFO="[]")
+
+
 def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
     """``{harness: [(name, bytes)]}``."""
     safe = list(_safe_files(tmp))
@@ -236,6 +260,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "manifest": list(_manifest_seeds(tmp)),
         "legacy": legacy,
         "scan": legacy + safe[:2] + components,
+        "sharded": list(_sharded_seeds(tmp)),
     }
 
 

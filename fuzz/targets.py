@@ -432,12 +432,81 @@ def _check_python3_names(names: Any) -> None:
             )
 
 
+# --------------------------------------------------------------------------- sharded checkpoints
+
+SHARD = "shard-00001-model-00001-of-00001.safetensors"
+SHARDED_MODES = ("shard", "index")
+
+
+def sharded_state() -> dict[str, Any]:
+    """The state of the fixed sharded checkpoint: several ranks and dtypes, an empty tensor, a scalar."""
+    return {
+        "w": torch.arange(12.0).reshape(3, 4),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "e": torch.zeros(0, 2),
+        "s": torch.tensor(7),
+        "meta": {"epoch": 3, "cls": argparse.Namespace},
+    }
+
+
+def write_fixed_sharded(directory: Path) -> dict[str, Any]:
+    """The fixed, valid sharded checkpoint (DCP in this process) whose files the sharded harness fuzzes.
+
+    Returns its index document, as :func:`sharded` rewrites it around a fuzzed shard.
+    """
+    from safeckpt.distributed import save_sharded
+    from safeckpt.distributed.sharded import META_NAME
+
+    save_sharded(None, sharded_state(), directory)
+    with safeckpt.Checkpoint(directory / META_NAME) as ckpt:
+        return ckpt.load()  # type: ignore[no-any-return]
+
+
+_SHARDED: tuple[Path, dict[str, Any], bytes] | None = None
+
+
+def _fixed_sharded() -> tuple[Path, dict[str, Any], bytes]:
+    """The fixed checkpoint's directory, index document and shard bytes (made once per process)."""
+    global _SHARDED
+    if _SHARDED is None:
+        directory = workdir() / "sharded"
+        document = write_fixed_sharded(directory)
+        _SHARDED = directory, document, (directory / "safeckpt-shards" / SHARD).read_bytes()
+    return _SHARDED
+
+
+def sharded(data: bytes) -> None:
+    """``load_sharded`` (in this process) and ``consolidate``. The first byte picks a mode
+    (``data[0] % 2``), the rest is fuzzed:
+
+    0. the shard file, with an index recording its real size (so the size check passes);
+    1. the index file, next to the fixed valid shard.
+    """
+    from safeckpt.distributed import consolidate, load_sharded
+    from safeckpt.distributed.sharded import META_NAME, _meta_bytes_writer
+
+    if not data:
+        return
+    directory, document, shard = _fixed_sharded()
+    mode, body = data[0] % 2, data[1:]
+    _write(directory / "safeckpt-shards" / SHARD, body if mode == 0 else shard)
+    if mode == 0:
+        with open(directory / META_NAME, "wb") as f:
+            _meta_bytes_writer({**document, "shards": [[SHARD, len(body)]]})(f)
+    else:
+        _write(directory / META_NAME, body)
+    _expect(load_sharded, directory, limits=LIMITS, no_dist=True)
+    _expect(load_sharded, directory, limits=LIMITS, no_dist=True, allowed_globals=ALLOWED)
+    _expect(consolidate, directory, workdir() / "consolidated.safeckpt", limits=LIMITS)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "single_file": single_file,
     "skeleton": skeleton,
     "manifest": manifest,
     "legacy": legacy,
     "scan": scan_target,
+    "sharded": sharded,
 }
 
 
