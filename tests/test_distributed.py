@@ -469,6 +469,11 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
     _edit_shard_header(tmp_path / "d", "[0, 0]", "[1, 0]", SECOND_SHARD)
     assert torch.equal(load_sharded(tmp_path / "d")["w"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
 
+    # empty chunks at the same offset (ranks past the end of an uneven sharding) cover nothing: accepted
+    save_sharded(None, {"e": torch.zeros(0, 2)}, tmp_path / "e")
+    _rewrite_index(tmp_path / "e", [0, 2], second_shard=True)
+    assert load_sharded(tmp_path / "e")["e"].shape == (0, 2)
+
 
 def test_sharded_limits_apply_to_shards_and_consolidate(tmp_path: Path) -> None:
     save_sharded(None, {"w": torch.zeros(2, 3, 4), "b": torch.ones(3)}, tmp_path / "c")
