@@ -438,9 +438,9 @@ SECOND_SHARD = SHARD.replace("00001-model", "00002-model")
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ([1 << 40, 3], "hold 6 elements of its 3298534883328"),  # 12 TB: refused before anything is allocated
-        ([4, 3], "hold 6 elements of its 12"),
-        ([2, 4], "hold 6 elements of its 8"),
+        ([1 << 40, 3], "hold 6 of its 3298534883328 elements"),  # 12 TB: refused before anything is allocated
+        ([4, 3], "hold 6 of its 12 elements"),
+        ([2, 4], "hold 6 of its 8 elements"),
     ],
 )
 def test_an_index_promising_more_than_its_shards_hold_is_refused(tmp_path: Path, shape: list[int], message: str) -> None:
@@ -463,7 +463,7 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
     save_sharded(None, {"w": torch.tensor([[1.0, 2.0]])}, tmp_path / "d")
     _rewrite_index(tmp_path / "d", [2, 2], second_shard=True)
     _edit_shard_header(tmp_path / "d", '"shape":[1,2]', '"shape":[2,1]', SECOND_SHARD)
-    with pytest.raises(safeckpt.CheckpointFormatError, match="start twice at the same offset"):
+    with pytest.raises(safeckpt.CheckpointFormatError, match="two of its chunks start at the same offset"):
         load_sharded(tmp_path / "d")
     _edit_shard_header(tmp_path / "d", '"shape":[2,1]', '"shape":[1,2]', SECOND_SHARD)
     _edit_shard_header(tmp_path / "d", "[0, 0]", "[1, 0]", SECOND_SHARD)
@@ -473,6 +473,23 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
     save_sharded(None, {"e": torch.zeros(0, 2)}, tmp_path / "e")
     _rewrite_index(tmp_path / "e", [0, 2], second_shard=True)
     assert load_sharded(tmp_path / "e")["e"].shape == (0, 2)
+    _rewrite_index(tmp_path / "e", [0, 3])  # even an empty tensor's chunks must reach its corner
+    with pytest.raises(safeckpt.CheckpointFormatError, match=r"reach \[0, 2\], not its far corner \[0, 3\]"):
+        load_sharded(tmp_path / "e")
+
+
+def test_a_tensor_of_the_index_that_no_shard_holds_is_refused(tmp_path: Path) -> None:
+    save_sharded(None, {"w": torch.ones(2), "e": torch.zeros(0)}, tmp_path / "c")
+    from safeckpt.distributed.sharded import _meta_bytes_writer
+    from safeckpt.io import atomic_write
+
+    with safeckpt.Checkpoint(tmp_path / "c" / META_NAME) as ckpt:
+        doc = ckpt.load()
+    doc["tensors"].append([("x",), "x", torch.float32, [0]])  # even an empty one: DCP would look for it
+    doc["state"]["x"] = None
+    atomic_write(tmp_path / "c" / META_NAME, _meta_bytes_writer(doc))
+    with pytest.raises(safeckpt.CheckpointFormatError, match="tensor 'x': no shard holds any of it"):
+        load_sharded(tmp_path / "c")
 
 
 def test_sharded_limits_apply_to_shards_and_consolidate(tmp_path: Path) -> None:

@@ -253,8 +253,9 @@ def _check_shards(root: Path, expected: dict[str, int]) -> None:
 
 def _check_chunks(root: Path, shards: list[str], slots: list[Slot], limits: Limits) -> None:
     """Every shard is a valid safetensors file whose chunks lie inside tensors of the table, and
-    together they hold each tensor's every element (their element counts add up to the tensor's,
-    they reach its far corner, no two that hold elements start at the same place).
+    together they hold each tensor's every element (at least one chunk per tensor, their element
+    counts add up to the tensor's, they reach its far corner, no two that hold elements start at
+    the same place).
 
     Done before DCP reads the shards or anything is allocated: the table's shapes are then backed
     by bytes on disk (no allocation bomb), and DCP meets no malformed file.
@@ -278,16 +279,18 @@ def _check_chunks(root: Path, shards: list[str], slots: list[Slot], limits: Limi
     for key, pieces in chunks.items():
         shape = table[key].shape
         elements = sum(math.prod(size) for _, size in pieces)
-        reach = tuple(max(column) for column in zip(*(_ends(o, n) for o, n in pieces))) if pieces else ()
-        if elements != math.prod(shape):
-            problem = f"hold {elements} elements of its {math.prod(shape)} ({list(shape)})"
-        elif elements and reach != shape:
-            problem = f"reach {list(reach)}, not its far corner {list(shape)}"
+        reach = tuple(max(column) for column in zip(*(_ends(o, n) for o, n in pieces)))
+        if not pieces:
+            problem = "no shard holds any of it"
+        elif elements != math.prod(shape):
+            problem = f"its chunks hold {elements} of its {math.prod(shape)} elements ({list(shape)})"
+        elif reach != shape:
+            problem = f"its chunks reach {list(reach)}, not its far corner {list(shape)}"
         elif len(starts := [o for o, n in pieces if math.prod(n)]) != len(set(starts)):  # empty chunks cover nothing
-            problem = "start twice at the same offset"
+            problem = "two of its chunks start at the same offset"
         else:
             continue
-        raise CheckpointFormatError(f"{root / SHARD_DIR}: the chunks of tensor {key!r:.200} {problem}", file=str(root / SHARD_DIR))
+        raise CheckpointFormatError(f"{root / SHARD_DIR}: tensor {key!r:.200}: {problem}", file=str(root / SHARD_DIR))
 
 
 def _ends(offset: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ...]:
