@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .codec import Encoder, pack
 from .errors import CheckpointFormatError, UnsupportedValueError
-from .limits import Limits
+from .limits import Limits, check_in_file
 from .stream import open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
 
@@ -253,8 +253,7 @@ def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
             raise _bad(name, f"file of {size} bytes is too short for a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
         limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
-        if 8 + length > size:
-            raise _bad(name, f"header length {length} runs past the end of the {size}-byte file", 0)
+        check_in_file(8 + length, size, what=f"{name}: the header length {length}", file=name)
         raw = f.read(length)
     return parse_header(name, raw, size, limits)
 
@@ -315,8 +314,9 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
     if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets")
     begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise _bad(path, f"tensor {name!r:.200} spans bytes [{begin}, {end}) outside the {data_size}-byte data section")
+    if not 0 <= begin <= end:
+        raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets [{begin}, {end})")
+    check_in_file(end, data_size, what=f"{path}: tensor {name!r:.200} at data bytes [{begin}, {end}), outside the data section,", file=path)
     if math.prod(shape) * dtype.itemsize != end - begin:
         raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), begin, end)

@@ -59,7 +59,8 @@ class LimitExceededError(CheckpointFormatError):
     """A size, count or depth in the input exceeds a :class:`~safeckpt.Limits` bound.
 
     Attributes:
-        limit: the name of the ``Limits`` field that was exceeded.
+        limit: the name of the ``Limits`` field that was exceeded, or ``"file_size"`` when a
+            declared size runs past the end of the file (a 10-byte file claiming a terabyte).
         maximum: the bound in force.
         actual: the value found (or at least how far past the bound reading got).
     """

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from .errors import LimitExceededError
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "FILE_SIZE", "Limits", "check_in_file"]
+
+FILE_SIZE = "file_size"  # LimitExceededError.limit when a declared extent runs past the end of its file
 
 MiB = 1 << 20
 
@@ -65,3 +67,16 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def check_in_file(end: int, size: int, *, what: str, file: str | None = None) -> None:
+    """Raise :class:`LimitExceededError` (``limit="file_size"``) when ``what``, declared to end at
+    byte ``end``, runs past the ``size`` bytes that hold it: a bound the file sets, not ``Limits``."""
+    if end > size:
+        raise LimitExceededError(
+            f"{what} runs past the end: it needs {end} bytes of the {size} there are",
+            limit=FILE_SIZE,
+            maximum=size,
+            actual=end,
+            file=file,
+        )

@@ -54,7 +54,7 @@ from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError, UnsupportedValueError
 from .handler import Reporter
 from .io import atomic_write
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import DEFAULT_LIMITS, Limits, check_in_file
 from .loading import load_single_file as _load_local_file
 from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, manifest_bytes, read_manifest
 from .refs import AllowList
@@ -477,8 +477,7 @@ class RemoteCheckpoint(Checkpoint):
             raise CheckpointFormatError(f"{url} is not a safetensors file; use load() for other formats", file=url)
         (length,) = struct.unpack("<Q", head[:8])
         limits.check("max_header_bytes", length, what="the safetensors header length", file=url)
-        if 8 + length > size:
-            raise CheckpointFormatError(f"{url}: header length {length} runs past the end of the {size}-byte file", file=url, offset=0)
+        check_in_file(8 + length, size, what=f"{url}: the header length {length}", file=url)
         if 8 + length > len(head):
             head += self._range(len(head), 8 + length)
         self._header = parse_header(url, head[8 : 8 + length], size, limits)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 
 import safeckpt
 from safeckpt import Limits
@@ -86,8 +87,25 @@ def test_a_ten_byte_file_claiming_a_terabyte(tmp_path: Path) -> None:
     header = json.dumps({"t": {"dtype": "F32", "shape": [1 << 18, 1 << 20], "data_offsets": [0, 1 << 40]}}).encode()
     path = tmp_path / "tb.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 10)
-    with pytest.raises(safeckpt.CheckpointFormatError, match="outside"):
-        read_header(path, Limits())
+    for load in (lambda: read_header(path, Limits()), lambda: safeckpt.load(path)):
+        with pytest.raises(safeckpt.LimitExceededError, match="outside") as info:
+            load()
+        assert (info.value.limit, info.value.maximum, info.value.actual) == ("file_size", 10, 1 << 40)
+
+
+def test_declared_extents_at_and_one_past_the_end_of_the_file(tmp_path: Path) -> None:
+    path = safeckpt.save_single_file(None, {"t": torch.arange(4, dtype=torch.int32)}, tmp_path / "f.safeckpt")
+    raw = path.read_bytes()
+    assert torch.equal(safeckpt.load(path)["t"], torch.arange(4, dtype=torch.int32))
+    path.write_bytes(raw[:-1])  # the last tensor byte gone: its entry now ends one past the data section
+    with pytest.raises(safeckpt.LimitExceededError) as info:
+        safeckpt.load(path)
+    assert info.value.limit == "file_size" and info.value.actual == info.value.maximum + 1
+    (length,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(raw[: 8 + length - 1])  # the header itself one byte short
+    with pytest.raises(safeckpt.LimitExceededError) as info:
+        safeckpt.load(path)
+    assert (info.value.limit, info.value.maximum, info.value.actual) == ("file_size", 8 + length - 1, 8 + length)
 
 
 BOMBS = r'''

@@ -29,7 +29,7 @@ import torch
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..io import map_file
-from ..limits import Limits
+from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
 from .rebuild import Rebuilder, StorageRef, StorageType
 from .vm import Report, SymbolicUnpickler, check_depth
@@ -133,8 +133,9 @@ class _Reader:
             return torch.empty(0, dtype=torch.uint8)
         if self._mapping is None:
             self._mapping = map_file(self.path)
-        if offset < 0 or offset + nbytes > self._mapping.size:
-            raise CheckpointFormatError(f"{self.path}: storage bytes [{offset}, {offset + nbytes}) outside the file")
+        if offset < 0:
+            raise CheckpointFormatError(f"{self.path}: storage bytes at negative offset {offset}", file=self.path)
+        check_in_file(offset + nbytes, self._mapping.size, what=f"{self.path}: storage bytes [{offset}, {offset + nbytes})", file=self.path)
         data = torch.from_numpy(self._mapping[offset : offset + nbytes])
         return data.clone() if self.copy else data
 
@@ -161,8 +162,7 @@ def _member_offset(f: BinaryIO, info: zipfile.ZipInfo, size: int) -> int:
         raise CheckpointFormatError(f"bad local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > size:
-        raise CheckpointFormatError(f"{info.filename} runs past the end of the file")
+    check_in_file(start + info.file_size, size, what=f"archive member {info.filename!r:.200}")
     return start
 
 
@@ -328,8 +328,7 @@ def _legacy_layout(
         if itemsize is None or numel < 0:
             raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} is not referenced or malformed", file=reader.path)
         offset = f.tell()
-        if offset + numel * itemsize > size:
-            raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} runs past the end of the file", file=reader.path)
+        check_in_file(offset + numel * itemsize, size, what=f"{reader.path}: storage {key!r:.50}", file=reader.path)
         table[key] = (offset, numel, itemsize)
         f.seek(offset + numel * itemsize)
     return table
