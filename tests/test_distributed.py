@@ -416,9 +416,10 @@ def test_hostile_shards_are_refused_before_dcp_reads_them(tmp_path: Path, old: s
         load_sharded(tmp_path / "c")
 
 
-def _rewrite_index(directory: Path, shape: list[int], second_shard: bool = False) -> None:
-    """Rewrite the index as a hostile one would: every tensor of ``shape``, and with ``second_shard``
-    a copy of the shard as a second rank's file."""
+def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard: bool = False,
+                   change: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Rewrite the index as a hostile one would: every tensor of ``shape``, with ``second_shard``
+    a copy of the shard as a second rank's file, then ``change`` applied to the document."""
     from safeckpt.distributed.sharded import _meta_bytes_writer
     from safeckpt.io import atomic_write
 
@@ -427,8 +428,11 @@ def _rewrite_index(directory: Path, shape: list[int], second_shard: bool = False
         (shards / SECOND_SHARD).write_bytes((shards / SHARD).read_bytes())
     with safeckpt.Checkpoint(directory / META_NAME) as ckpt:
         doc = ckpt.load()
-    doc["tensors"] = [[*item[:3], shape] for item in doc["tensors"]]
+    if shape is not None:
+        doc["tensors"] = [[*item[:3], shape] for item in doc["tensors"]]
     doc["shards"] = [[p.name, p.stat().st_size] for p in sorted(shards.iterdir())]
+    if change is not None:
+        change(doc)
     atomic_write(directory / META_NAME, _meta_bytes_writer(doc))
 
 
@@ -480,14 +484,12 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path) -> None:
 
 def test_a_tensor_of_the_index_that_no_shard_holds_is_refused(tmp_path: Path) -> None:
     save_sharded(None, {"w": torch.ones(2), "e": torch.zeros(0)}, tmp_path / "c")
-    from safeckpt.distributed.sharded import _meta_bytes_writer
-    from safeckpt.io import atomic_write
 
-    with safeckpt.Checkpoint(tmp_path / "c" / META_NAME) as ckpt:
-        doc = ckpt.load()
-    doc["tensors"].append([("x",), "x", torch.float32, [0]])  # even an empty one: DCP would look for it
-    doc["state"]["x"] = None
-    atomic_write(tmp_path / "c" / META_NAME, _meta_bytes_writer(doc))
+    def add_tensor(doc: dict[str, Any]) -> None:
+        doc["tensors"].append([("x",), "x", torch.float32, [0]])  # even an empty one: DCP would look for it
+        doc["state"]["x"] = None
+
+    _rewrite_index(tmp_path / "c", change=add_tensor)
     with pytest.raises(safeckpt.CheckpointFormatError, match="tensor 'x': no shard holds any of it"):
         load_sharded(tmp_path / "c")
 
