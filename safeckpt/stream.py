@@ -33,7 +33,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Protocol
 
@@ -332,9 +332,11 @@ def hash_parts(sizes: list[int], read: Callable[[int, int, int], np.ndarray]) ->
         return [large[i].result() if i in large else digest(i) for i in range(len(sizes))]
 
 
-def pieces(begin: int, end: int) -> Iterator[tuple[int, int]]:
-    """``[begin, end)`` cut into ranges of at most ``PIECE`` bytes."""
-    return ((b, min(end, b + PIECE)) for b in range(begin, end, PIECE))
+def pieces(begin: int, end: int) -> Iterable[tuple[int, int]]:
+    """``[begin, end)`` cut into ranges of at most ``PIECE`` bytes (none when it is empty)."""
+    if end - begin <= PIECE:  # nearly always: a tuple, no generator per part
+        return ((begin, end),) if end > begin else ()
+    return [(b, min(end, b + PIECE)) for b in range(begin, end, PIECE)]
 
 
 def _nothing(index: int, begin: int, end: int) -> np.ndarray:
