@@ -601,7 +601,8 @@ def mutate_single_file(data: bytes, max_size: int, seed: int, mutate: Callable[[
         elif choice < 0.9 and components:
             components.append(rng.choice(components))  # a duplicate component
         elif choice < 0.95:
-            root["attrs"] = mutate(root.get("attrs") or b"\x80", 256) if rng.random() < 0.8 else None
+            attrs = root.get("attrs")  # whatever an earlier mutation left there: bytes or not
+            root["attrs"] = mutate(attrs if type(attrs) is bytes and attrs else b"\x80", 256) if rng.random() < 0.8 else None
         else:
             rng.shuffle(components)
         skeleton = msgpack.packb(root, use_bin_type=True)

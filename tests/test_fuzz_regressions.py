@@ -101,3 +101,31 @@ def test_fuzz_regression_memory_is_bounded(case: Path) -> None:
     assert probe.returncode == 0, probe.stderr[-3000:]
     grown_mib = int(probe.stdout.split()[-1])
     assert grown_mib < 64, f"{case.name} ({case.stat().st_size} bytes) made the reader's peak RSS grow by {grown_mib} MiB"
+
+
+def test_single_file_mutator_survives_skeleton_roots_of_any_shape(tmp_path: Path) -> None:
+    """The structure-aware mutator of ``fuzz_single_file.py`` re-decodes skeletons that earlier
+    mutations wrote: a root whose ``attrs`` is an int (not bytes) stopped a 12-minute run."""
+    import base64
+    import json
+
+    import msgpack
+
+    import safeckpt
+
+    path = safeckpt.save_single_file(None, {"a": 1, "b": [2]}, tmp_path / "m.safeckpt")
+    header, body = targets.split_safetensors(path.read_bytes())
+    root = msgpack.unpackb(base64.b64decode(header["__metadata__"]["safeckpt.skeleton"]), raw=False)
+    calls = []
+
+    def mutate(data: bytes, max_size: int) -> bytes:  # stands for atheris.Mutate, which takes bytes only
+        assert type(data) is bytes, f"the mutator was handed {type(data).__name__}"
+        calls.append(data)
+        return data[::-1][:max_size]
+
+    for attrs in (-26, "text", [1], None, b""):
+        header["__metadata__"]["safeckpt.skeleton"] = base64.b64encode(msgpack.packb({**root, "attrs": attrs})).decode()
+        data = targets.join_safetensors(json.loads(json.dumps(header)), body)
+        for seed in range(300):
+            assert type(targets.mutate_single_file(data, 1 << 16, seed, mutate)) is bytes
+    assert calls
