@@ -253,7 +253,7 @@ def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
             raise _bad(name, f"file of {size} bytes is too short for a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
         limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
-        check_in_file(8 + length, size, what=f"{name}: the header length {length}", file=name)
+        check_in_file(8 + length, size, lambda: f"{name}: the header length {length}", file=name)
         raw = f.read(length)
     return parse_header(name, raw, size, limits)
 
@@ -316,7 +316,9 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
     begin, end = offsets
     if not 0 <= begin <= end:
         raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets [{begin}, {end})")
-    check_in_file(end, data_size, what=f"{path}: tensor {name!r:.200} at data bytes [{begin}, {end}), outside the data section,", file=path)
+    check_in_file(
+        end, data_size, lambda: f"{path}: tensor {name!r:.200} at data bytes [{begin}, {end}), outside the data section,", file=path
+    )
     if math.prod(shape) * dtype.itemsize != end - begin:
         raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), begin, end)

@@ -9,6 +9,7 @@ machine, or when a legitimate checkpoint is larger than the defaults allow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import LimitExceededError
@@ -69,12 +70,13 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def check_in_file(end: int, size: int, *, what: str, file: str | None = None) -> None:
-    """Raise :class:`LimitExceededError` (``limit="file_size"``) when ``what``, declared to end at
-    byte ``end``, runs past the ``size`` bytes that hold it: a bound the file sets, not ``Limits``."""
+def check_in_file(end: int, size: int, what: Callable[[], str], *, file: str | None = None) -> None:
+    """Raise :class:`LimitExceededError` (``limit="file_size"``) when the extent ``what()`` describes,
+    declared to end at byte ``end``, runs past the ``size`` bytes that hold it: a bound the file
+    sets, not ``Limits``. ``what`` is called only then (the check runs once per tensor)."""
     if end > size:
         raise LimitExceededError(
-            f"{what} runs past the end: it needs {end} bytes of the {size} there are",
+            f"{what()} runs past the end: it needs {end} bytes of the {size} there are",
             limit=FILE_SIZE,
             maximum=size,
             actual=end,

@@ -477,7 +477,7 @@ class RemoteCheckpoint(Checkpoint):
             raise CheckpointFormatError(f"{url} is not a safetensors file; use load() for other formats", file=url)
         (length,) = struct.unpack("<Q", head[:8])
         limits.check("max_header_bytes", length, what="the safetensors header length", file=url)
-        check_in_file(8 + length, size, what=f"{url}: the header length {length}", file=url)
+        check_in_file(8 + length, size, lambda: f"{url}: the header length {length}", file=url)
         if 8 + length > len(head):
             head += self._range(len(head), 8 + length)
         self._header = parse_header(url, head[8 : 8 + length], size, limits)

@@ -135,7 +135,7 @@ class _Reader:
             self._mapping = map_file(self.path)
         if offset < 0:
             raise CheckpointFormatError(f"{self.path}: storage bytes at negative offset {offset}", file=self.path)
-        check_in_file(offset + nbytes, self._mapping.size, what=f"{self.path}: storage bytes [{offset}, {offset + nbytes})", file=self.path)
+        check_in_file(offset + nbytes, self._mapping.size, lambda: f"{self.path}: storage bytes [{offset}, {offset + nbytes})", file=self.path)
         data = torch.from_numpy(self._mapping[offset : offset + nbytes])
         return data.clone() if self.copy else data
 
@@ -162,7 +162,7 @@ def _member_offset(f: BinaryIO, info: zipfile.ZipInfo, size: int) -> int:
         raise CheckpointFormatError(f"bad local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     start = info.header_offset + 30 + name_len + extra_len
-    check_in_file(start + info.file_size, size, what=f"archive member {info.filename!r:.200}")
+    check_in_file(start + info.file_size, size, lambda: f"archive member {info.filename!r:.200}")
     return start
 
 
@@ -328,7 +328,7 @@ def _legacy_layout(
         if itemsize is None or numel < 0:
             raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} is not referenced or malformed", file=reader.path)
         offset = f.tell()
-        check_in_file(offset + numel * itemsize, size, what=f"{reader.path}: storage {key!r:.50}", file=reader.path)
+        check_in_file(offset + numel * itemsize, size, lambda: f"{reader.path}: storage {key!r:.50}", file=reader.path)
         table[key] = (offset, numel, itemsize)
         f.seek(offset + numel * itemsize)
     return table
