@@ -46,11 +46,40 @@ def test_keys_within_the_depth_limit_load(tmp_path: Path) -> None:
     assert value[key] == 2
 
 
-def test_declared_length_past_the_end_is_a_format_error(tmp_path: Path) -> None:
+def test_a_declared_length_over_the_string_limit_is_refused_before_reading(tmp_path: Path) -> None:
     path = tmp_path / "huge.pkl"
     path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 60) + b"xy.")  # BINBYTES8 claiming 1 EiB
-    with pytest.raises(safeckpt.CheckpointFormatError):
+    with pytest.raises(safeckpt.LimitExceededError) as info:
         safeckpt.load(path)
+    assert (info.value.limit, info.value.actual) == ("max_str_len", 1 << 60)
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1000) + b"xy.")  # under the limit, past the end
+    with pytest.raises(safeckpt.CheckpointFormatError, match="only 3 remain"):
+        safeckpt.load(path)
+
+
+N = 100
+
+
+STRINGS = {  # opcode: (pickle holding one value whose length counts N, the value)
+    "BINBYTES": (b"\x80\x03B" + struct.pack("<I", N) + b"b" * N + b".", b"b" * N),
+    "BINBYTES8": (b"\x80\x04\x8e" + struct.pack("<Q", N) + b"b" * N + b".", b"b" * N),
+    "BINUNICODE": (b"\x80\x02X" + struct.pack("<I", N) + b"u" * N + b".", "u" * N),
+    "BYTEARRAY8": (b"\x80\x05\x96" + struct.pack("<Q", N) + b"a" * N + b".", bytearray(b"a" * N)),
+    "LONG4": (b"\x80\x02\x8b" + struct.pack("<i", N) + b"\x01" * N + b".", int.from_bytes(b"\x01" * N, "little")),
+    "STRING": (b"S'" + b"s" * (N - 2) + b"'\n.", "s" * (N - 2)),  # protocol 0: the quotes count
+    "UNICODE": (b"V" + b"v" * N + b"\n.", "v" * N),  # protocol 0
+}
+
+
+@pytest.mark.parametrize("opcode", sorted(STRINGS))
+def test_string_lengths_at_and_past_the_limit(tmp_path: Path, opcode: str) -> None:
+    data, value = STRINGS[opcode]
+    path = tmp_path / "s.pkl"
+    path.write_bytes(data)
+    assert safeckpt.load(path, limits=Limits(max_str_len=N)) == value
+    with pytest.raises(safeckpt.LimitExceededError) as info:
+        safeckpt.load(path, limits=Limits(max_str_len=N - 1))
+    assert (info.value.limit, info.value.maximum) == ("max_str_len", N - 1)
 
 
 def test_container_length_limit(tmp_path: Path) -> None:

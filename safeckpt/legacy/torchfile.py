@@ -72,7 +72,7 @@ class _Bounded(io.RawIOBase):
 
     def readline(self, limit: int | None = -1) -> bytes:
         left = max(0, self._end - self._f.tell())
-        return self._f.readline(min(left, 1 << 20))
+        return self._f.readline(min(left, 1 << 20) if limit is None or limit < 0 else min(left, limit))
 
 
 def _finish(report: Report, path: str) -> None:

@@ -88,6 +88,36 @@ class _Pending:
         self.placeholder = placeholder
 
 
+class _Capped:
+    """The pickle's byte source, refusing an argument longer than ``Limits.max_str_len`` before reading it.
+
+    ``pickletools`` reads an opcode's fixed-size fields with ``read(n)`` for ``n <= 8`` and a
+    string, bytes or big integer with one ``read(declared length)``; protocol 0 text arguments
+    with ``readline()``.
+    """
+
+    def __init__(self, source: Any, limits: Limits) -> None:
+        self._source = source
+        self._limits = limits
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            raise CheckpointFormatError("a pickle read without a length")  # pickletools never does this
+        if n > 8:
+            self._limits.check("max_str_len", n, what="the declared length of a pickled string, bytes or integer")
+        return self._source.read(n)  # type: ignore[no-any-return]
+
+    def readline(self) -> bytes:
+        cap = self._limits.max_str_len + 1  # the text and its newline
+        line: bytes = self._source.readline(cap)
+        if len(line) == cap and not line.endswith(b"\n"):
+            self._limits.check("max_str_len", cap, what="a protocol 0 text argument")
+        return line
+
+    def tell(self) -> int:
+        return self._source.tell()  # type: ignore[no-any-return]
+
+
 class SymbolicUnpickler:
     """Interprets one pickle into inert data.
 
@@ -95,7 +125,9 @@ class SymbolicUnpickler:
         source: the pickle's bytes, or a file-like object positioned at it (read
             until its STOP opcode; it must refuse reads past its end).
         report: where globals and findings are recorded.
-        limits: ``max_container_len`` bounds the memo and every container.
+        limits: ``max_container_len`` bounds the memo and every container, ``max_str_len``
+            every string, bytes value and big integer (checked on its declared length,
+            before it is read).
         calls: implementations of allowed callables, by ``"module:qualname"``.
         persistent_load: maps a persistent id to a value (torch storages); ``None``
             refuses persistent ids.
@@ -115,7 +147,7 @@ class SymbolicUnpickler:
         build: Callable[[Any, Any], Any] | None = None,
         nested_depth: int = 0,
     ) -> None:
-        self._source = source
+        self._source = _Capped(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, limits)
         self._report = report
         self._limits = limits
         self._calls = calls
@@ -147,7 +179,7 @@ class SymbolicUnpickler:
             raise self._error(f"{type(exc).__name__}: {exc}") from exc
 
     def _run(self) -> Any:
-        for opcode, arg, pos in pickletools.genops(self._source):
+        for opcode, arg, pos in pickletools.genops(self._source):  # type: ignore[arg-type]  # read, readline, tell: all it uses
             self._pos = pos
             handler = getattr(self, "op_" + opcode.name, None)
             if handler is None:
