@@ -210,7 +210,7 @@ class Store:
 
     # reading -----------------------------------------------------------------------
 
-    def read(self, rel: str, max_bytes: int) -> bytes:
+    def read(self, rel: str, max_bytes: int = 16 << 20) -> bytes:
         """The whole of a small file (a marker, a lock), read only up to one byte past ``max_bytes``.
 
         Raises:
