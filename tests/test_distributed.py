@@ -494,6 +494,27 @@ def test_a_tensor_of_the_index_that_no_shard_holds_is_refused(tmp_path: Path) ->
         load_sharded(tmp_path / "c")
 
 
+def _second_entry_at(doc: dict[str, Any], place: tuple[Any, ...]) -> None:
+    doc["tensors"][1][0] = place
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda doc: _second_entry_at(doc, doc["tensors"][0][0]), "share the place"),  # found by fuzz_sharded
+        (lambda doc: doc["tensors"][1].__setitem__(1, doc["tensors"][0][1]), "or the key"),
+        (lambda doc: _second_entry_at(doc, ("x", [1])), "malformed tensor entry"),  # an unhashable place
+        (lambda doc: doc["shards"].append(list(doc["shards"][0])), "listed twice"),
+    ],
+    ids=["same-place", "same-key", "unhashable-place", "same-shard"],
+)
+def test_malformed_tensor_tables_are_refused(tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str) -> None:
+    save_sharded(None, {"w": torch.arange(12.0).reshape(3, 4), "s": torch.tensor(7)}, tmp_path / "c")
+    _rewrite_index(tmp_path / "c", change=change)
+    with pytest.raises(safeckpt.CheckpointFormatError, match=message):
+        load_sharded(tmp_path / "c")
+
+
 def test_sharded_limits_apply_to_shards_and_consolidate(tmp_path: Path) -> None:
     save_sharded(None, {"w": torch.zeros(2, 3, 4), "b": torch.ones(3)}, tmp_path / "c")
     for load in (lambda limits: load_sharded(tmp_path / "c", limits=limits),

@@ -222,19 +222,35 @@ def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -
     for item in shards:
         if not (type(item) is list and len(item) == 2 and type(item[0]) is str and _SHARD_FILE.match(item[0]) and type(item[1]) is int):
             raise _bad(root, f"malformed shard entry {item!r:.200}")
+        if item[0] in expected:
+            raise _bad(root, f"shard {item[0]!r} is listed twice")
         expected[item[0]] = item[1]
     slots = []
+    paths: set[tuple[Any, ...]] = set()
+    keys: set[str] = set()
     for item in table:
         if not (
-            type(item) is list and len(item) == 4 and type(item[0]) is tuple and type(item[1]) is str
+            type(item) is list and len(item) == 4 and type(item[0]) is tuple and _hashable(item[0]) and type(item[1]) is str
             and isinstance(item[2], torch.dtype) and type(item[3]) is list and all(type(n) is int and n >= 0 for n in item[3])
         ):
             raise _bad(root, f"malformed tensor entry {item!r:.200}")
+        if item[0] in paths or item[1] in keys:
+            raise _bad(root, f"two tensor entries share the place {item[0]!r:.200} or the key {item[1]!r:.200}")
+        paths.add(item[0])
+        keys.add(item[1])
         limits.check("max_dims", len(item[3]), what=f"the rank of tensor {item[1]!r:.200}", file=str(meta))
         slots.append(Slot(item[0], item[1], item[2], tuple(item[3])))
     _check_shards(root, expected)
     _check_chunks(root, sorted(expected), slots, limits)
     return doc["state"], slots
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_shards(root: Path, expected: dict[str, int]) -> None:
