@@ -34,7 +34,10 @@ def fuzz(harness: str, target: Callable[[bytes], None], setup: Callable[[], obje
             return
         try:
             target(data)
-        except Exception as exc:  # triage mode only: record each distinct crash once, go on
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # triage mode only: record each distinct crash once, go on
+            # (BaseException: torch.distributed.checkpoint's CheckpointException is not an Exception)
             targets.record_crash(KEEP_GOING, harness, data, exc)
 
     setup()  # per-process set-up before the first input

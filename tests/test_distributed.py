@@ -515,6 +515,29 @@ def test_malformed_tensor_tables_are_refused(tmp_path: Path, change: Callable[[d
         load_sharded(tmp_path / "c")
 
 
+class Raising(Handler):
+    """An nn_handler with ``raise_error``, as the seed's handler has."""
+
+    def raise_error(self, kind: type, message: str, exc: BaseException) -> None:
+        raise RuntimeError(f"routed {kind.__name__}: {message}") from exc
+
+
+def test_dcp_failures_reach_the_handler_although_they_are_not_exceptions(tmp_path: Path, monkeypatch: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    save_sharded(None, {"w": torch.ones(2)}, tmp_path / "c")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise CheckpointException("dcp failed", {})
+
+    for name, call in (("load", lambda: load_sharded(tmp_path / "c", nn_handler=Raising())),
+                       ("save", lambda: save_sharded(Raising(), {"w": torch.ones(2)}, tmp_path / "d"))):
+        monkeypatch.setattr(dcp, name, fail)
+        with pytest.raises(RuntimeError, match=f"routed CheckpointException: Rank 0 failed to {name}"):
+            call()
+
+
 def test_sharded_limits_apply_to_shards_and_consolidate(tmp_path: Path) -> None:
     save_sharded(None, {"w": torch.zeros(2, 3, 4), "b": torch.ones(3)}, tmp_path / "c")
     for load in (lambda limits: load_sharded(tmp_path / "c", limits=limits),

@@ -155,6 +155,7 @@ def save_sharded(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathL
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reporter = Reporter(nn_handler)
     rank, world_size = world()
@@ -173,7 +174,7 @@ def save_sharded(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathL
     try:
         with _single_process(not dist_ready()):
             dcp.save(_plain_contiguous(tensors), storage_writer=writer, no_dist=not dist_ready())
-    except Exception as exc:  # noqa: BLE001 - DCP raises on every rank when any rank failed; routed to nn_handler
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP raises on every rank when any rank failed; to nn_handler
         reporter.fail(exc, f"Rank {reporter.rank} failed to save the shards of {root}: {exc}")
     if rank == 0:
         try:
@@ -409,6 +410,7 @@ def load_sharded(
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reporter = Reporter(nn_handler)
     root = Path(path)
@@ -426,7 +428,7 @@ def load_sharded(
             with _single_process(not collective):
                 dcp.load(by_key, storage_reader=HuggingFaceStorageReader(str(root / SHARD_DIR)), no_dist=not collective)
         merged = merge_tensors(skeleton, dests)
-    except Exception as exc:  # noqa: BLE001 - routed to nn_handler, which raises
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - routed to nn_handler, which raises
         reporter.fail(exc, f"Rank {reporter.rank} failed to load the sharded checkpoint {root}: {exc}")
     reporter.log(f"NNHandler sharded state loaded by Rank {reporter.rank} from: {root}")
     return merged  # type: ignore[no-any-return]
