@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import atheris, fuzz, targets  # noqa: E402  (instruments safeckpt on import)
+from harness import fuzz, targets  # noqa: E402  (instruments safeckpt on import)
 
 
 if __name__ == "__main__":
