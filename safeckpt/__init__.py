@@ -4,8 +4,6 @@ Tensors go to safetensors, everything else to msgpack with typed extensions;
 class references are stored by name and imported only when the caller allows it.
 """
 
-__version__ = "0.1.0"
-
 from . import distributed as distributed  # the subpackage, importable as safeckpt.distributed
 from .checkpoint import Checkpoint
 from .convert import convert
@@ -25,6 +23,7 @@ from .loading import load, load_multi_files, load_single_file, open
 from .manager import CheckpointManager
 from .refs import GlobalRef, OpaqueObject
 from .saving import save_multi_files, save_multi_from_single, save_single_file
+from .version import __version__
 
 __all__ = [
     "Checkpoint",

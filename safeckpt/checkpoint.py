@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,19 +24,45 @@ from .container import (
     Header,
     Root,
     TensorInfo,
+    parse_header,
     parse_root,
-    read_header,
-    read_skeleton_file,
     skeleton_bytes,
 )
-from .detect import Kind, detect
+from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
-from .io import map_file
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import DEFAULT_LIMITS, Limits, check_in_file
 from .refs import AllowList
+from .storage import ByteSource, is_url, open_source
 from .tensors import dtype_name
 
-__all__ = ["Checkpoint", "ComponentInfo"]
+__all__ = ["Checkpoint", "ComponentInfo", "read_header_from"]
+
+_HEAD_FETCH = 64 * 1024  # first read: the length prefix and, usually, the whole header
+
+
+def read_header_from(source: ByteSource, limits: Limits) -> tuple[Kind, Header, bytes | None]:
+    """The kind, header and (for a skeleton file) raw skeleton of a safetensors or skeleton file.
+
+    Reads the first 64 KiB, then the rest of the header if it is longer: one
+    range request on remote storage for most files.
+    """
+    name, size = source.name, source.size
+    head = source.head(_HEAD_FETCH)
+    kind = detect_bytes(head[:16])
+    if kind is Kind.SKELETON:
+        limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=name)
+        raw = head if size <= len(head) else head + source.read(len(head), size)
+        return kind, Header(name, {}, {}, 0, size), raw
+    if kind is not Kind.SAFETENSORS:
+        if len(head) < 8:
+            raise CheckpointFormatError(f"{name}: file of {size} bytes is too short for a safetensors header", file=name)
+        raise CheckpointFormatError(f"{name} is a {kind.value} file, not a safetensors file; use load() for other formats", file=name)
+    (length,) = struct.unpack("<Q", head[:8])
+    limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
+    check_in_file(8 + length, size, lambda: f"{name}: the header length {length}", file=name)
+    if 8 + length > len(head):
+        head += source.read(len(head), 8 + length)
+    return kind, parse_header(name, head[8 : 8 + length], size, limits), None
 
 
 
@@ -76,10 +103,12 @@ class Checkpoint:
     """A checkpoint file opened for lazy reading; use it as a context manager.
 
     Opening reads and validates the header and the skeleton (small); tensor bytes
-    are mapped from the file and read only when a tensor is asked for.
+    are mapped from the file (local) or fetched by range request (remote storage)
+    and read only when a tensor is asked for.
 
     Args:
-        path: a safeckpt single file or any safetensors file.
+        path: a safeckpt single file or any safetensors file: a local path or an
+            fsspec URL (``s3://...``, ``memory://...``).
         device: where tensors are placed (``"cpu"``, ``"cuda:0"``, a ``torch.device``...).
         allowed_globals: classes, functions or ``"module:qualname"`` strings that may
             be imported; everything else comes back as inert ``GlobalRef``/``OpaqueObject``.
@@ -90,6 +119,7 @@ class Checkpoint:
             share the page cache with other processes; a copy is independent of the file
             (choose it when the file may be changed in place or truncated while tensors live:
             safeckpt's own saves replace files by rename and never do that).
+        storage_options: for an fsspec URL, the filesystem's options.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -106,24 +136,28 @@ class Checkpoint:
         verify: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         copy: bool = False,
+        storage_options: Any = None,
+        source: ByteSource | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = path if is_url(path) else Path(path)  # type: ignore[assignment]
+        self._source = open_source(path, storage_options) if source is None else source
         self._copy = copy
         self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
         self._allow = AllowList(allowed_globals)
         self._verify = verify
         self._limits = limits
         self._handle: Any = None  # safetensors' reader, for loads straight to CUDA
-        self._mapping: np.ndarray | None = None  # the file, mapped copy-on-write, for everything else
+        self._mapping: np.ndarray | None = None  # the file, mapped copy-on-write (local files)
+        self._data: memoryview | None = None  # the data section, fetched whole by load() (remote files)
         self._handed_out: set[str] = set()
         self._keys: list[Any] | None = None
         self._root: Root | None = None
         self._digests: dict[str, str] = {}
-        if detect(self.path) is Kind.SKELETON:  # a multi-file component without tensors
-            self._header = Header(str(self.path), {}, {}, 0, self.path.stat().st_size)
-            self._root = parse_root(read_skeleton_file(self.path, limits), limits, str(self.path), standalone=True)
+        kind, self._header, raw_skeleton = read_header_from(self._source, limits)
+        if kind is Kind.SKELETON:  # a multi-file component without tensors
+            assert raw_skeleton is not None
+            self._root = parse_root(raw_skeleton, limits, str(self.path), standalone=True)
             return
-        self._header = read_header(self.path, limits)
         if self._header.is_safeckpt:
             raw = skeleton_bytes(self._header, limits)
             recorded = self._header.digests()
@@ -146,9 +180,10 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Release the file mapping. Tensors already returned stay valid."""
-        self._handle = self._mapping = None
+        """Release the file and its mapping. Tensors already returned stay valid."""
+        self._handle = self._mapping = self._data = None
         self._handed_out.clear()
+        self._source.close()
 
     def __repr__(self) -> str:
         kind = "safeckpt" if self._root is not None else "safetensors"
@@ -261,20 +296,33 @@ class Checkpoint:
             self._handle = self._mapping = None
             self._handed_out.clear()
         self._handed_out.add(name)
-        if device.type == "cuda":  # safetensors copies straight from the file to the GPU
+        if device.type == "cuda" and self._source.local_path is not None:  # safetensors copies file -> GPU
             tensor = self._open().get_tensor(name)
             if self._verify and name in self._digests:
                 self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
             return tensor
         info = self._header.entries[name]
-        if self._mapping is None:
-            self._mapping = map_file(self.path)
         start = self._header.data_start + info.begin
-        raw = self._mapping[start : start + info.nbytes]
+        fetched = False
+        if self._data is not None:
+            raw = np.frombuffer(self._data[info.begin : info.end], dtype=np.uint8)
+            fetched = True
+        else:
+            if self._mapping is None:
+                self._mapping = self._source.mapping()
+            if self._mapping is not None:
+                raw = self._mapping[start : start + info.nbytes]
+            else:
+                raw = np.frombuffer(self._source.read(start, start + info.nbytes), dtype=np.uint8)
+                fetched = True
         if self._verify and name in self._digests:
             self._check_digest(name, raw, self._digests[name])
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype, device=device)
+        if fetched:  # bytes fetched from remote storage: a fresh, writable tensor of their own
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+            tensor.reshape(-1).view(torch.uint8).numpy()[:] = raw
+            return tensor if device.type == "cpu" else tensor.to(device)
         tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
         if device.type != "cpu":
             return tensor.to(device)
@@ -292,7 +340,19 @@ class Checkpoint:
         return self._decoder().unpack(value, f"component {component!r:.100}")
 
     def load(self) -> dict[Any, Any]:
-        """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors)."""
+        """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors).
+
+        On remote storage the data section is fetched in one request.
+        """
+        if self._source.local_path is None and self._header.entries and self._data is None:
+            self._data = memoryview(self._source.read(self._header.data_start, self._header.file_size))
+            try:
+                return self._load()
+            finally:
+                self._data = None
+        return self._load()
+
+    def _load(self) -> dict[Any, Any]:
         if self._root is None:
             return {name: self.get_tensor(name) for name in self._header.entries}
         decoder = self._decoder()
@@ -316,7 +376,7 @@ class Checkpoint:
     def _open(self) -> Any:
         if self._handle is None:
             try:
-                self._handle = safe_open(str(self.path), framework="pt", device=str(self.device))
+                self._handle = safe_open(str(self._source.local_path), framework="pt", device=str(self.device))
             except Exception as exc:
                 raise CheckpointFormatError(f"{self.path}: safetensors could not open it: {exc}", file=str(self.path)) from exc
         return self._handle

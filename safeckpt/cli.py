@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .cli_diff import diff_states
 from .cli_report import (
     TORCH_KINDS,

@@ -29,12 +29,12 @@ import msgpack
 import numpy as np
 import torch
 
-from . import __version__
 from .codec import Encoder, pack
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,6 +60,7 @@ META_DIGESTS = "safeckpt.digests"
 META_LIBRARY = "safeckpt.library_version"
 META_TORCH = "safeckpt.torch_version"
 META_CREATED = "safeckpt.created"
+META_COMPONENT = "safeckpt.component"  # the key a multi-file component file holds (FORMAT.md)
 DATA_ALIGNMENT = 64
 DIGEST_PREFIX = "sha256:"
 _VERSION = re.compile(r"[0-9]{1,9}\Z")
@@ -75,6 +76,7 @@ class Encoded:
 
     root: dict[str, Any]
     entries: list[Entry]
+    component: str | None = None  # the key of a multi-file component, recorded in the file
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
@@ -156,6 +158,7 @@ def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
         META_LIBRARY: __version__,
         META_TORCH: str(torch.__version__),
         META_CREATED: encoded.created,
+        **({} if encoded.component is None else {META_COMPONENT: encoded.component}),
         META_SKELETON: base64.b64encode(skeleton).decode("ascii"),
         META_DIGESTS: _placeholder_digests(len(encoded.entries))
         if digests is None
@@ -331,6 +334,7 @@ class Root:
     kind: str  # "dict" | "ordered_dict"
     attrs: bytes | None
     components: list[tuple[bytes, str, bytes]] = field(default_factory=list)
+    component: str | None = None  # a skeleton file's recorded component key
 
 
 def skeleton_bytes(header: Header, limits: Limits) -> bytes:
@@ -354,7 +358,8 @@ SKELETON_FILE_FORMAT = "safeckpt-skeleton"
 
 def skeleton_file_bytes(encoded: Encoded) -> bytes:
     """A component without tensors as a standalone msgpack file (FORMAT.md section 3)."""
-    return pack({"format": SKELETON_FILE_FORMAT, "format_version": FORMAT_VERSION, **encoded.root})
+    component = {} if encoded.component is None else {"component": encoded.component}
+    return pack({"format": SKELETON_FILE_FORMAT, "format_version": FORMAT_VERSION, **component, **encoded.root})
 
 
 def read_skeleton_file(path: str | os.PathLike[str], limits: Limits) -> bytes:
@@ -389,8 +394,8 @@ def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = Fals
             raise _bad(path, "not a safeckpt skeleton file")
         if version > FORMAT_VERSION:
             raise _bad(path, f"written in safeckpt format version {version}; this safeckpt reads up to {FORMAT_VERSION}, upgrade it")
-    attrs, components = root.get("attrs"), root.get("components")
-    if not (attrs is None or type(attrs) is bytes) or type(components) is not list:
+    attrs, components, component = root.get("attrs"), root.get("components"), root.get("component")
+    if not (attrs is None or type(attrs) is bytes) or type(components) is not list or not (component is None or type(component) is str):
         raise _bad(path, "skeleton root is malformed")
     limits.check("max_components", len(components), what="the number of components", file=path)
     parsed = []
@@ -404,4 +409,4 @@ def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = Fals
         ):
             raise _bad(path, "skeleton component is malformed")
         parsed.append((item[0], item[1], item[2]))
-    return Root(root["root"], attrs, parsed)
+    return Root(root["root"], attrs, parsed, component if standalone else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from .errors import UnsupportedValueError
 from .limits import DEFAULT_LIMITS, Limits
 from .loading import load_single_file
 from .saving import save_multi_files, save_single_file
+from .storage import is_url
 
 __all__ = ["convert"]
 
@@ -23,6 +25,7 @@ def convert(
     keys_to_save: Iterable[str] | None = None,
     allowed_globals: Iterable[Any] = (),
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Path | dict[str, Path]:
     """Convert a checkpoint (typically a legacy ``.pth``/``.pt``/``.bin``) to the safe format.
 
@@ -51,8 +54,8 @@ def convert(
         UnsupportedValueError: if ``src`` does not hold a dict.
         ValueError: if the default ``dst`` would overwrite ``src``.
     """
-    source = Path(src)
-    state = load_single_file(source, allowed_globals=allowed_globals, limits=limits)
+    source: Any = src if is_url(src) else Path(src)
+    state = load_single_file(source, allowed_globals=allowed_globals, limits=limits, storage_options=storage_options)
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(
             f"{source} holds a {type(state).__name__}, not a dict; load it with safeckpt.load and save "
@@ -61,8 +64,14 @@ def convert(
             value_type=type(state).__qualname__,
         )
     if multi:
-        return save_multi_files(None, state, Path(dst) if dst is not None else source, keys_to_save)
-    target = Path(dst) if dst is not None else source.with_suffix(".safetensors")
-    if dst is None and target.resolve() == source.resolve():
+        base = source if dst is None else (dst if is_url(dst) else Path(dst))
+        return save_multi_files(None, state, base, keys_to_save, storage_options=storage_options)
+    if dst is not None:
+        target: Any = dst if is_url(dst) else Path(dst)
+    elif is_url(source):
+        target = posixpath.splitext(source)[0] + ".safetensors"
+    else:
+        target = source.with_suffix(".safetensors")
+    if dst is None and (target == source if is_url(source) else target.resolve() == source.resolve()):
         raise ValueError(f"converting {source} in place would overwrite it; pass dst")
-    return save_single_file(None, state, target)
+    return save_single_file(None, state, target, storage_options=storage_options)

@@ -6,6 +6,8 @@ import os
 import struct
 from enum import Enum
 
+from .storage.local import open_file
+
 __all__ = ["Kind", "detect", "detect_bytes"]
 
 
@@ -25,10 +27,10 @@ def detect(path: str | os.PathLike[str]) -> Kind:
 
     Raises:
         FileNotFoundError: if there is no such file.
+        CheckpointFormatError: if it is not a regular file.
     """
-    with open(path, "rb") as f:
-        head = f.read(16)
-    return detect_bytes(head)
+    with open_file(path) as source:  # a regular file (a link to one is followed); never blocks on a FIFO
+        return detect_bytes(source.read(0, min(source.size, 16)))
 
 
 def detect_bytes(head: bytes) -> Kind:

@@ -1,6 +1,6 @@
 """``CheckpointManager``: numbered checkpoints of a training run, committed atomically.
 
-Layout of ``directory`` (a local path or any fsspec URL, see :mod:`safeckpt.remote`)::
+Layout of ``directory`` (a local path or any fsspec URL, see :mod:`safeckpt.storage`)::
 
     step_000000001200/
         WRITING                        {"pid", "host", "started"}: written first, removed after the commit
@@ -30,6 +30,10 @@ Retention keeps the union of the ``max_to_keep`` newest and the ``keep_best``
 best complete steps, and always the newest one; incomplete steps are never
 retention candidates. A step is deleted marker first, so a crash mid-delete
 leaves an incomplete step, cleaned up later, never a torn "complete" one.
+
+Inside ``directory`` the manager never follows a link (a planted symlinked
+step directory is neither listed, written into, nor deleted through), and
+opens only regular files (:mod:`safeckpt.storage.local`).
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from . import __version__
 from .container import Encoded
 from .errors import CheckpointFormatError, IntegrityError
-from .io import pid_alive
-from .multifile import check_keys
-from .remote import FileRecord, Store, plan_multi, plan_single, write_state
+from .multifile import MANIFEST_SUFFIX, check_keys
+from .reader import ReadOptions, load_set_in, load_source
 from .snapshot import BackgroundWriter, freeze
+from .storage import FileRecord, open_storage, pid_alive
+from .version import __version__
+from .writer import Payload, TorchValue, plan_multi, plan_single, write_files, write_set
 
 __all__ = ["CheckpointManager"]
 
@@ -132,7 +137,7 @@ class CheckpointManager:
         self.mode = mode
         self.format = format
         self.multi = multi
-        self._store = Store(directory, storage_options)
+        self._store = open_storage(directory, storage_options)
         self.directory = self._store.url
         self._markers: dict[int, dict[str, Any]] = {}  # complete markers never change: a cache, not an index
         self._writer = BackgroundWriter(f"safeckpt-writer:{self.directory}")
@@ -197,22 +202,25 @@ class CheckpointManager:
         """
         self._writer.join()
 
-    def _plan(self, state: Mapping[Any, Any]) -> list[tuple[str, bytes | Encoded]]:
+    def _plan(self, state: Mapping[Any, Any]) -> list[tuple[str, Payload]]:
         if not self.multi:
             files = plan_single(state, f"{BASE}.safeckpt", self.format)
-            return [(f"{BASE}.pt" if isinstance(p, bytes) else name, p) for name, p in files]
+            return [(f"{BASE}.pt" if isinstance(p, TorchValue) else name, p) for name, p in files]
         return plan_multi(state, BASE, check_keys(list(state)), self.format)
 
-    def _write_step(self, step: int, files: list[tuple[str, bytes | Encoded]], metrics: dict[str, Any]) -> None:
+    def _write_step(self, step: int, files: list[tuple[str, Payload]], metrics: dict[str, Any]) -> None:
         rel = _step_dir(step)
         self._store.remove_tree(rel)  # an incomplete earlier attempt at this step
         self._store.makedirs(rel)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": now}
-        self._store.write(f"{rel}/{LOCK}", json.dumps(lock).encode())
+        self._store.write_bytes(f"{rel}/{LOCK}", json.dumps(lock).encode())
         named = [(f"{rel}/{name}", payload) for name, payload in files]
-        manifest = f"{rel}/{BASE}.safeckpt.json" if self.multi else None
-        records = write_state(self._store, named, manifest=manifest)
+        if self.multi:
+            keys = [name[len(BASE) + 1 :].rpartition(".")[0] for name, _ in files]
+            records = write_set(self._store, named, keys, f"{rel}/{BASE}{MANIFEST_SUFFIX}", format=self.format, record=True)
+        else:
+            records = write_files(self._store, named, format=self.format)
         marker = {
             "format": MARKER_FORMAT,
             "format_version": MARKER_VERSION,
@@ -224,7 +232,7 @@ class CheckpointManager:
             "entry": posixpath.basename(records[-1].name),
             "files": [{"name": posixpath.basename(r.name), "size": r.size, "sha256": r.sha256} for r in records],
         }
-        self._store.write(f"{rel}/{MARKER}", json.dumps(marker, indent=2).encode())  # the commit point
+        self._store.write_bytes(f"{rel}/{MARKER}", json.dumps(marker, indent=2).encode())  # the commit point
         self._store.remove(f"{rel}/{LOCK}")
         self._retain()
 
@@ -364,8 +372,12 @@ class CheckpointManager:
                     f"its {MARKER} marker records: the step was modified after it was committed",
                     file=self._store.display(rel + "/" + item["name"]),
                 )
+        options = ReadOptions(**load_kwargs)
         try:
-            return self._store.load(f"{rel}/{marker['entry']}", multi=marker["layout"] == "multi", **load_kwargs)
+            if marker["layout"] == "multi":
+                return load_set_in(self._store.child(rel), BASE, None, options)
+            with self._store.open(f"{rel}/{marker['entry']}") as source:
+                return load_source(source, options)
         except FileNotFoundError as exc:
             raise CheckpointFormatError(f"step {step} in {self.directory} is unreadable: {exc}", file=str(exc.filename)) from exc
 

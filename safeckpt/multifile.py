@@ -9,7 +9,10 @@ For a base path ``models/m.pth`` and a component key ``k``:
 - ``models/m.safeckpt.json`` is the manifest: format version, components, their
   files, sizes and SHA-256 digests. It is written last and is the commit point.
 
-A manifest may only name plain file names in its own directory.
+A manifest may only name plain file names in its own directory, and is
+recognised by its ``format`` marker and schema only: any other JSON is not a
+checkpoint. Every function here works on a :class:`~safeckpt.storage.Storage`
+(local or fsspec); the ``path`` variants are the local shorthand the CLI uses.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import datetime
 import hashlib
 import json
 import os
-import stat
+import posixpath
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +30,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .container import FORMAT_VERSION, read_header
-from .detect import Kind, detect
+from .container import FORMAT_VERSION
+from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, IntegrityError
 from .limits import Limits
+from .storage import ByteSource, Storage, locate, open_file
+from .version import __version__
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -125,29 +130,40 @@ class ManifestEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    path: Path
+    path: Path | str  # the manifest, as a path or URL
     entries: tuple[ManifestEntry, ...]
     metadata: dict[str, Any]
 
+    @property
+    def name(self) -> str:
+        return posixpath.basename(str(self.path)) if "://" in str(self.path) else Path(self.path).name
+
     def file(self, entry: ManifestEntry) -> Path:
-        return self.path.parent / entry.file
+        """The local path of a component (local manifests)."""
+        return Path(self.path).parent / entry.file
 
 
-def file_digest(path: Path, limits: Limits) -> str:
+def source_digest(source: ByteSource, limits: Limits) -> str:
     """The digest a manifest records for a component file (see :class:`ManifestEntry`)."""
-    if detect(path) is Kind.SAFETENSORS:
-        length = read_header(path, limits).header_bytes
-    else:
-        length = path.stat().st_size
+    head = source.head()[:16]
+    length = source.size
+    if detect_bytes(head) is Kind.SAFETENSORS:
+        (declared,) = struct.unpack("<Q", head[:8])
+        limits.check("max_header_bytes", declared, what="the safetensors header length", file=source.name)
+        length = min(source.size, 8 + declared)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while length > 0:
-            chunk = f.read(min(length, 1 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            length -= len(chunk)
+    position = 0
+    while position < length:
+        end = min(length, position + (1 << 24))
+        digest.update(source.read(position, end))
+        position = end
     return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], limits: Limits) -> str:
+    """:func:`source_digest` of a local file."""
+    with open_file(path) as source:
+        return source_digest(source, limits)
 
 
 def manifest_bytes(entries: Sequence[ManifestEntry]) -> bytes:
@@ -165,7 +181,7 @@ def manifest_bytes(entries: Sequence[ManifestEntry]) -> bytes:
     return (json.dumps(document, indent=2) + "\n").encode("utf-8")
 
 
-def _bad(path: Path, message: str) -> CheckpointFormatError:
+def _bad(path: Path | str, message: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: {message}", file=str(path))
 
 
@@ -176,28 +192,40 @@ def _encodable(name: str) -> bool:
         return False
 
 
-def _safe_file_name(path: Path, name: Any) -> str:
+def _safe_file_name(path: Path | str, name: Any) -> str:
     if not _is_plain_name(name) or not _encodable(name) or os.path.isabs(name) or Path(name).name != name:
         raise _bad(path, f"manifest names {name!r:.200}, which is not a file in the manifest's directory; refused")
     return name
 
 
 def read_manifest(path: str | os.PathLike[str], limits: Limits) -> Manifest:
-    """Read and validate a manifest.
+    """Read and validate a local manifest (see :func:`read_manifest_in`)."""
+    storage, name = locate(path)
+    manifest = read_manifest_in(storage, name, limits)
+    return Manifest(Path(path), manifest.entries, manifest.metadata)
+
+
+def read_manifest_in(storage: Storage, rel: str, limits: Limits) -> Manifest:
+    """Read and validate the manifest ``rel`` of ``storage``.
 
     Raises:
-        CheckpointFormatError: if it is malformed or names a file outside its directory.
+        CheckpointFormatError: if it is not a safeckpt manifest (any other JSON), is
+            malformed, or names a file outside its directory.
         LimitExceededError: if it is larger or lists more components than ``limits`` allow.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    limits.check("max_header_bytes", size, what="the manifest size", file=str(path))
+    with storage.open(rel) as source:
+        limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
+        return parse_manifest(source.read(0, source.size), source.name, limits)
+
+
+def parse_manifest(raw: bytes, path: str, limits: Limits) -> Manifest:
+    """Validate the bytes of a manifest named ``path`` (see :func:`read_manifest_in`)."""
     try:
-        document = json.loads(path.read_bytes())
+        document = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _bad(path, f"manifest is not valid JSON: {exc}") from exc
+        raise _bad(path, f"not a safeckpt checkpoint: not valid JSON ({exc})") from exc
     if type(document) is not dict or document.get("format") != MANIFEST_FORMAT:
-        raise _bad(path, "not a safeckpt manifest")
+        raise _bad(path, f"not a safeckpt checkpoint: a JSON file without the {MANIFEST_FORMAT!r} format marker")
     version = document.get("format_version")
     if type(version) is not int or version < 1:
         raise _bad(path, "manifest has no valid format_version")
@@ -206,7 +234,7 @@ def read_manifest(path: str | os.PathLike[str], limits: Limits) -> Manifest:
     components = document.get("components")
     if type(components) is not list:
         raise _bad(path, "manifest has no component list")
-    limits.check("max_components", len(components), what="the number of components", file=str(path))
+    limits.check("max_components", len(components), what="the number of components", file=path)
     entries = []
     for item in components:
         if type(item) is not dict:
@@ -222,62 +250,85 @@ def read_manifest(path: str | os.PathLike[str], limits: Limits) -> Manifest:
 
 
 def check_entry(manifest: Manifest, entry: ManifestEntry, *, verify: bool, limits: Limits) -> Path:
-    """The component's file, checked against the manifest (size always, digest with ``verify``).
+    """The local path of a component, checked against a local manifest (see :func:`check_entry_in`)."""
+    storage, _ = locate(manifest.path)
+    check_entry_in(storage, manifest, entry, verify=verify, limits=limits)
+    return manifest.file(entry)
+
+
+def check_entry_in(storage: Storage, manifest: Manifest, entry: ManifestEntry, *, verify: bool, limits: Limits) -> str:
+    """The component's file (relative to ``storage``, the manifest's directory), checked against the
+    manifest: a regular file, not a link (:mod:`safeckpt.storage.local`), its size always, its digest
+    with ``verify``.
 
     Raises:
         FileNotFoundError: if the file is missing.
+        CheckpointFormatError: if it is a link or not a regular file.
         IntegrityError: if its size or digest differs (a torn or tampered set).
     """
-    file = manifest.file(entry)
-    try:
-        info = file.stat()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise _bad(manifest.path, f"cannot read component file {entry.file!r}: {exc}") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise _bad(manifest.path, f"component file {entry.file!r} is not a regular file")
-    size = info.st_size
-    if size != entry.size:
-        raise IntegrityError(
-            f"{file} is {size} bytes, the manifest {manifest.path.name} says {entry.size}: "
-            "the set is torn (a save was interrupted) or was modified",
-            tensor_name=entry.key,
-            file=str(file),
-        )
-    if verify:
-        actual = file_digest(file, limits)
-        if actual != entry.sha256:
+    with storage.open(entry.file) as source:
+        if source.size != entry.size:
             raise IntegrityError(
-                f"{file} does not match the digest in {manifest.path.name}: the set is torn or was modified",
+                f"{source.name} is {source.size} bytes, the manifest {manifest.name} says {entry.size}: "
+                "the set is torn (a save was interrupted) or was modified",
                 tensor_name=entry.key,
-                expected=entry.sha256,
-                actual=actual,
-                file=str(file),
+                file=source.name,
             )
-    return file
+        if verify:
+            actual = source_digest(source, limits)
+            if actual != entry.sha256:
+                raise IntegrityError(
+                    f"{source.name} does not match the digest in {manifest.name}: the set is torn or was modified",
+                    tensor_name=entry.key,
+                    expected=entry.sha256,
+                    actual=actual,
+                    file=source.name,
+                )
+    return entry.file
 
 
 def find_manifest(path: str | os.PathLike[str]) -> Path | None:
-    """The manifest for ``path`` when ``path`` is one or is the base path of a set."""
-    path = Path(path)
-    if path.name.endswith(MANIFEST_SUFFIX) and path.is_file():
-        return path
-    candidate = manifest_path(path)
-    return candidate if candidate.is_file() else None
+    """The manifest for ``path`` when ``path`` is one or is the base path of a set (local)."""
+    storage, name = locate(path)
+    found = find_manifest_in(storage, name)
+    return None if found is None else Path(os.path.dirname(os.fspath(path))) / found
+
+
+def find_manifest_in(storage: Storage, name: str) -> str | None:
+    """The manifest's name when ``name`` is one or is the base name of a set in ``storage``."""
+    listing = storage.listdir()
+    if name.endswith(MANIFEST_SUFFIX) and listing.get(name) is not None:
+        return name
+    candidate = split_base(name) + MANIFEST_SUFFIX
+    return candidate if listing.get(candidate) is not None else None
 
 
 def discover(path: str | os.PathLike[str]) -> dict[str, Path]:
-    """Component files ``{base}_{key}.*`` of a set that has no manifest, by key."""
-    base = Path(split_base(path))
-    prefix = base.name + "_"
-    found: dict[str, Path] = {}
-    if not base.parent.is_dir():
-        return found
-    for file in sorted(base.parent.iterdir()):
-        if file.is_file() and file.name.startswith(prefix) and not file.name.startswith("."):
-            key = os.path.splitext(file.name[len(prefix) :])[0]
+    """Component files ``{base}_{key}.*`` of a local set that has no manifest, by key."""
+    storage, name = locate(path)
+    parent = os.path.dirname(os.fspath(path))
+    return {key: Path(parent) / rel for key, rel in discover_in(storage, name).items()}
+
+
+def discover_in(storage: Storage, name: str) -> dict[str, str]:
+    """Component files ``{base}_{key}.*`` of the set based at ``name`` in ``storage``, by key.
+
+    Only regular files are listed (links and special files are not components).
+    """
+    prefix = split_base(name) + "_"
+    found: dict[str, str] = {}
+    listing = storage.listdir()
+    for file in sorted(listing):
+        if listing[file] is not None and file.startswith(prefix) and not file.startswith("."):
+            key = os.path.splitext(file[len(prefix) :])[0]
             if key and key not in found:
                 found[key] = file
     return found
 
+
+def old_components(storage: Storage, manifest_name: str, limits: Limits) -> set[str]:
+    """The files a set's current manifest names (empty when there is no valid one): what a rewrite may remove."""
+    try:
+        return {entry.file for entry in read_manifest_in(storage, manifest_name, limits).entries}
+    except (OSError, CheckpointFormatError):
+        return set()

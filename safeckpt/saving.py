@@ -7,75 +7,26 @@ migration. Unlike the seed, the caller's state is never modified.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import warnings
 from collections.abc import Iterable, Mapping
-from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-
-from .container import Encoded, encode_state, skeleton_file_bytes, write_single
-from .errors import FallbackWarning, UnsupportedValueError
+from .errors import UnsupportedValueError
 from .handler import Reporter
-from .io import atomic_path, atomic_write
-from .limits import DEFAULT_LIMITS
 from .loading import load_single_file
-from .multifile import (
-    DEFAULT_KEYS,
-    ManifestEntry,
-    check_keys,
-    component_path,
-    file_digest,
-    manifest_bytes,
-    manifest_path,
-    split_base,
-)
+from .multifile import DEFAULT_KEYS, MANIFEST_SUFFIX, check_keys, split_base
 from .refs import GlobalRef
-from .urls import is_url
+from .storage import is_url, locate, render_path
+from .writer import FORMATS, check_format, plan_multi, plan_single, write_files, write_set
 
-__all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file", "warn_fallback"]
-
-FORMATS = ("safe", "torch", "auto")
-
-
-def _check_format(format: str) -> None:
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+__all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
 
 
-def _torch_save(value: Any, path: Path) -> None:
-    with atomic_path(path) as temp:
-        torch.save(value, temp)
-
-
-def warn_fallback(exc: UnsupportedValueError, where: Path) -> None:
-    """The ``format="auto"`` warning: ``where`` is written with torch.save because of ``exc``."""
-    warnings.warn(
-        f"{exc.path_in_state} cannot be stored in the safe format ({exc}); writing {where} with torch.save instead",
-        FallbackWarning,
-        stacklevel=4,
-    )
-
-
-# --------------------------------------------------------------------------- single file
-
-
-def _write_single(state: Mapping[Any, Any], path: Path, format: str) -> None:
-    if format != "torch":
-        try:
-            encoded = encode_state(state, DEFAULT_LIMITS)
-        except UnsupportedValueError as exc:
-            if format != "auto":
-                raise
-            warn_fallback(exc, path)
-        else:
-            atomic_write(path, partial(write_single, encoded=encoded))
-            return
-    _torch_save(state, path)
+def _returned(path: str | os.PathLike[str], written: str) -> Any:
+    """What a save returns for a file: a ``Path`` for a local path, the URL for a URL."""
+    return written if is_url(path) else Path(written)
 
 
 def save_single_file(
@@ -97,7 +48,7 @@ def save_single_file(
             (exactly ``torch.save``) or ``"auto"`` (safe when the state allows it,
             else ``torch.save`` with a :class:`FallbackWarning`).
         storage_options: for an fsspec URL (``s3://...``, ``memory://...``), the
-            filesystem's options; see :mod:`safeckpt.remote`.
+            filesystem's options.
 
     Returns:
         The path written (the URL, for a remote path).
@@ -108,19 +59,17 @@ def save_single_file(
         OSError: if the file cannot be written; a previous file at ``path`` is left intact.
         Errors go through ``nn_handler.raise_error`` when it has one.
     """
-    _check_format(format)
-    if is_url(path):
-        from . import remote
-
-        return remote.save_single_file(nn_handler, state, str(path), format=format, storage_options=storage_options)  # type: ignore[return-value]
+    check_format(format)
     reporter = Reporter(nn_handler)
-    target = Path(path)
+    shown = render_path(path)
     try:
-        _write_single(state, target, format)
+        storage, name = locate(path, storage_options)
+        storage.makedirs("")
+        write_files(storage, plan_single(state, name, format), format=format, record=False)
     except Exception as exc:
-        reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {exc}")
-    reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {target}")
-    return target
+        reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {shown}: {exc}")
+    reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {shown}")
+    return _returned(path, shown)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- multi files
@@ -154,57 +103,18 @@ def fold_model_kwargs(state: Mapping[Any, Any]) -> dict[Any, Any]:
     return folded
 
 
-def _encode_components(state: Mapping[Any, Any], keys: list[str]) -> dict[str, Encoded]:
-    return {
-        key: encode_state({key: state[key]}, DEFAULT_LIMITS, dedupe=False, prefixed=False)
-        for key in keys
-    }
-
-
-def _write_safe_set(path: Path, components: dict[str, Encoded]) -> dict[str, Path]:
-    written: dict[str, Path] = {}
-    entries = []
-    for key, encoded in components.items():
-        target = component_path(path, key, has_tensors=bool(encoded.entries))
-        if encoded.entries:
-            atomic_write(target, partial(write_single, encoded=encoded))
-        else:
-            atomic_write(target, partial(_write_bytes, data=skeleton_file_bytes(encoded)))
-        entries.append(ManifestEntry(key, target.name, target.stat().st_size, file_digest(target, DEFAULT_LIMITS)))
-        written[key] = target
-    manifest = manifest_path(path)
-    atomic_write(manifest, partial(_write_bytes, data=manifest_bytes(entries)))  # the commit point
-    return written
-
-
-def _write_bytes(f: BinaryIO, data: bytes) -> None:
-    f.write(data)
-
-
-def _write_torch_set(path: Path, state: Mapping[Any, Any], keys: list[str]) -> dict[str, Path]:
-    """``torch.save`` each component as the seed did; all files are written before any replaces its target."""
-    base, ext = os.path.splitext(path)
-    written = {key: Path(f"{base}_{key}{ext}") for key in keys}
-    with contextlib.ExitStack() as stack:
-        for key, target in written.items():
-            torch.save(state[key], stack.enter_context(atomic_path(target)))
-    return written
-
-
-def _write_multi(state: Mapping[Any, Any], path: Path, keys_to_save: Iterable[str] | None, format: str) -> dict[str, Path]:
+def _write_multi(
+    state: Mapping[Any, Any], path: str | os.PathLike[str], keys_to_save: Iterable[str] | None, format: str,
+    storage_options: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     keys = check_keys(DEFAULT_KEYS if keys_to_save is None else keys_to_save)
     folded = fold_model_kwargs(state)
     present = [key for key in keys if folded.get(key) is not None]
-    if format != "torch":
-        try:
-            components = _encode_components(folded, present)
-        except UnsupportedValueError as exc:
-            if format != "auto":
-                raise
-            warn_fallback(exc, Path(split_base(path) + "_*"))
-        else:
-            return _write_safe_set(path, components)
-    return _write_torch_set(path, folded, present)
+    storage, name = locate(path, storage_options)
+    storage.makedirs("")
+    files = plan_multi(folded, name, present, format)
+    write_set(storage, files, present, split_base(name) + MANIFEST_SUFFIX, format=format)
+    return {key: _returned(path, storage.display(rel)) for key, (rel, _) in zip(present, files)}
 
 
 def save_multi_files(
@@ -234,7 +144,8 @@ def save_multi_files(
             ``optimizer_state_dict``, ``model_kwargs``); keys missing from the state
             or whose value is ``None`` are skipped.
         format: ``"safe"``, ``"torch"`` (``torch.save`` per component, named
-            ``{base}_{key}{ext}`` as the seed did, no manifest) or ``"auto"``.
+            ``{base}_{key}{ext}`` as the seed did, no manifest, on every backend) or
+            ``"auto"`` (safe, else the whole set as ``"torch"``, with one warning).
         storage_options: for an fsspec URL, the filesystem's options.
 
     Returns:
@@ -244,21 +155,18 @@ def save_multi_files(
         ValueError: if a key is not a safe file-name fragment (before anything is written).
         UnsupportedValueError: with ``format="safe"``, naming the offending path.
         OSError: if a file cannot be written.
-    """
-    _check_format(format)
-    if is_url(path):
-        from . import remote
 
-        return remote.save_multi_files(  # type: ignore[return-value]
-            nn_handler, state, str(path), keys_to_save, format=format, storage_options=storage_options
-        )
+    Files a previous set at this base listed in its manifest and this one does
+    not are removed once the new manifest is written (never any other file).
+    """
+    check_format(format)
     reporter = Reporter(nn_handler)
-    target = Path(path)
+    shown = render_path(path)
     try:
-        written = _write_multi(state, target, keys_to_save, format)
+        written = _write_multi(state, path, keys_to_save, format, storage_options)
     except Exception as exc:
-        reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {exc}")
-    reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {target}")
+        reporter.fail(exc, f"Rank {reporter.rank} failed to save NNHandler state to {shown}: {exc}")
+    reporter.log(f"NNHandler state saved successfully by Rank {reporter.rank} to: {shown}")
     return written
 
 

@@ -421,7 +421,7 @@ def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard
     """Rewrite the index as a hostile one would: every tensor of ``shape``, with ``second_shard``
     a copy of the shard as a second rank's file, then ``change`` applied to the document."""
     from safeckpt.distributed.sharded import _meta_bytes_writer
-    from safeckpt.io import atomic_write
+    from safeckpt.storage import atomic_write
 
     shards = directory / SHARD_DIR
     if second_shard:

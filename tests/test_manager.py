@@ -25,7 +25,8 @@ import torch
 import safeckpt
 from safeckpt.errors import IntegrityError, UnsupportedValueError
 from safeckpt.manager import CheckpointManager
-from safeckpt.remote import Store
+import safeckpt.writer
+from safeckpt.storage import open_storage
 
 
 def _state(step: int) -> dict[str, Any]:
@@ -100,19 +101,19 @@ def test_keep_best_alone_never_deletes_the_newest(tmp_path: Path) -> None:
 def test_max_to_keep_one_keeps_the_only_complete_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr = CheckpointManager(tmp_path, max_to_keep=1)
     mgr.save(1, _state(1))
-    real_write = Store.write
+    real_write = safeckpt.writer._write
 
-    def failing(self: Store, rel: str, payload: Any) -> Any:
+    def failing(storage: Any, rel: str, payload: Any, **kw: Any) -> Any:
         if rel.endswith("checkpoint.safeckpt"):
             raise OSError(28, "No space left on device")
-        return real_write(self, rel, payload)
+        return real_write(storage, rel, payload, **kw)
 
-    monkeypatch.setattr(Store, "write", failing)
+    monkeypatch.setattr(safeckpt.writer, "_write", failing)
     with pytest.raises(OSError, match="No space left"):
         mgr.save(2, _state(2))
     assert mgr.all_steps() == [1]
     _same(mgr.restore(), _state(1))
-    monkeypatch.setattr(Store, "write", real_write)
+    monkeypatch.setattr(safeckpt.writer, "_write", real_write)
     mgr.save(3, _state(3))
     assert mgr.all_steps() == [3]
     assert sorted(os.listdir(tmp_path)) == ["step_000000000003"]  # the failed step 2 was cleaned up
@@ -165,7 +166,7 @@ def test_a_marker_read_stops_one_byte_past_its_limit(tmp_path: Path, monkeypatch
     assert CheckpointManager(tmp_path).all_steps() == [5]
     monkeypatch.setattr(safeckpt.manager, "MAX_MARKER_BYTES", size - 1)
     assert CheckpointManager(tmp_path).all_steps() == []
-    store = Store(tmp_path)
+    store = open_storage(tmp_path)
     assert store.read("step_000000000005/COMMITTED", size) == (tmp_path / "step_000000000005" / "COMMITTED").read_bytes()
     with pytest.raises(ValueError, match=f"larger than {size - 1} bytes"):
         store.read("step_000000000005/COMMITTED", size - 1)
@@ -263,13 +264,13 @@ def test_torch_and_auto_formats(tmp_path: Path) -> None:
 
 def test_async_save_stores_the_values_at_save_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    real_write = Store.write
+    real_write = safeckpt.writer._write
 
-    def gated(self: Store, rel: str, payload: Any) -> Any:
+    def gated(storage: Any, rel: str, payload: Any, **kw: Any) -> Any:
         release.wait()  # the write happens only after the caller changed its tensors
-        return real_write(self, rel, payload)
+        return real_write(storage, rel, payload, **kw)
 
-    monkeypatch.setattr(Store, "write", gated)
+    monkeypatch.setattr(safeckpt.writer, "_write", gated)
     mgr = CheckpointManager(tmp_path, multi=True)
     state = _state(1)
     expected = _state(1)
@@ -288,15 +289,15 @@ def test_async_save_stores_the_values_at_save_time(tmp_path: Path, monkeypatch: 
 
 
 def test_background_failure_surfaces_at_wait_and_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = Store.write
+    real_write = safeckpt.writer._write
     fail = {"on": True}
 
-    def failing(self: Store, rel: str, payload: Any) -> Any:
+    def failing(storage: Any, rel: str, payload: Any, **kw: Any) -> Any:
         if fail["on"] and rel.endswith("checkpoint.safeckpt"):
             raise OSError(28, "No space left on device")
-        return real_write(self, rel, payload)
+        return real_write(storage, rel, payload, **kw)
 
-    monkeypatch.setattr(Store, "write", failing)
+    monkeypatch.setattr(safeckpt.writer, "_write", failing)
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, _state(1), blocking=False)
     with pytest.raises(OSError, match="No space left"):

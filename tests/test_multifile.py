@@ -540,17 +540,21 @@ def test_auto_falls_back_with_warning_naming_the_path(tmp_path: Path) -> None:
     assert kwargs["vocab"] == 11
 
 
-def test_auto_warning_for_lambda_names_its_path(tmp_path: Path) -> None:
+def test_auto_with_a_value_neither_format_holds_raises_naming_its_path(tmp_path: Path) -> None:
     state, _ = make_state(seed=8)
     state["model_kwargs"] = {"act": lambda x: x}
-    with pytest.warns(safeckpt.FallbackWarning) as record:
-        try:
-            safeckpt.save_multi_files(None, state, tmp_path / "m.pth", format="auto")
-        except Exception as exc:  # pickle cannot store a lambda either; the warning came first
-            assert "lambda" in str(exc)
-    messages = [str(w.message) for w in record if issubclass(w.category, safeckpt.FallbackWarning)]
-    assert len(messages) == 1
-    assert "state['model_kwargs']" in messages[0], messages[0]
+    for save in (
+        lambda: safeckpt.save_multi_files(None, state, tmp_path / "m.pth", format="auto"),
+        lambda: safeckpt.save_single_file(None, state, tmp_path / "s.pth", format="auto"),
+    ):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with pytest.raises(safeckpt.UnsupportedValueError) as info:
+                save()
+        assert info.value.path_in_state == "state['model_kwargs']['act']"
+        assert "state['model_kwargs']['act']" in str(info.value) and "torch.save" in str(info.value)
+        assert not [w for w in record if issubclass(w.category, safeckpt.FallbackWarning)]  # nothing was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_safe_refusal_names_the_path_in_the_state(tmp_path: Path) -> None:

@@ -189,13 +189,15 @@ def test_s3_single_file_and_lazy_reads(s3: dict[str, Any], monkeypatch: pytest.M
 
 def test_s3_failed_upload_leaves_no_object(s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     url = "s3://ckpts/failed/ckpt.safeckpt"
-    real = remote.stream_single
+    import safeckpt.writer
+
+    real = safeckpt.writer.stream_single
 
     def half_then_fail(f: Any, encoded: Any) -> Any:
         f.write(b"\x00" * 1000)
         raise OSError(5, "connection reset")
 
-    monkeypatch.setattr(remote, "stream_single", half_then_fail)
+    monkeypatch.setattr(safeckpt.writer, "stream_single", half_then_fail)
     with pytest.raises(OSError, match="connection reset"):
         remote.save_single_file(None, _state(6), url, storage_options=s3)
     monkeypatch.setattr(remote, "stream_single", real)

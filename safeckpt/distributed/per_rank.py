@@ -18,16 +18,18 @@ import torch
 
 from ..handler import Reporter
 from ..limits import DEFAULT_LIMITS, Limits
-from ..multifile import manifest_path
+from ..multifile import MANIFEST_SUFFIX, split_base
+from ..storage import is_url, join, locate, split_location
 from ._comm import all_gather_outcomes, dist_ready, world
 from .rank0 import _LogOnly, _result_json, _save, load_on_all_ranks
 
 __all__ = ["load_per_rank", "per_rank_path", "save_per_rank"]
 
 
-def _split_name(path: Path) -> tuple[str, str]:
-    suffix = path.suffix
-    return (path.name[: -len(suffix)] if suffix else path.name), suffix
+def _split_name(path: str | os.PathLike[str]) -> tuple[str, str]:
+    _, name = split_location(path)
+    stem, suffix = os.path.splitext(name)
+    return (stem, suffix) if stem else (name, "")
 
 
 def per_rank_path(path: str | os.PathLike[str], rank: int | None = None, world_size: int | None = None) -> Path:
@@ -49,9 +51,12 @@ def per_rank_path(path: str | os.PathLike[str], rank: int | None = None, world_s
     world_size = own_world if world_size is None else world_size
     if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
         raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
-    base = Path(path)
-    stem, suffix = _split_name(base)
-    return base.with_name(f"{stem}.rank{rank:05d}-of-{world_size:05d}{suffix}")
+    parent, _ = split_location(path)
+    stem, suffix = _split_name(path)
+    name = f"{stem}.rank{rank:05d}-of-{world_size:05d}{suffix}"
+    if is_url(path):
+        return join(parent, name)  # type: ignore[return-value]  # a URL stays a URL
+    return Path(path).with_name(name)
 
 
 def save_per_rank(
@@ -135,11 +140,12 @@ def load_per_rank(
             world sizes the base path has per-rank files for.
     """
     target = per_rank_path(path, rank, world_size)
-    if not target.exists() and not manifest_path(target).exists():
-        stem, suffix = _split_name(Path(path))
+    storage, name = locate(target)
+    if not storage.exists(name) and not storage.exists(split_base(name) + MANIFEST_SUFFIX):
+        stem, suffix = _split_name(path)
         pattern = re.compile(rf"{re.escape(stem)}\.rank\d{{5,}}-of-(\d{{5,}}){re.escape(suffix)}\Z")
         try:
-            sizes = sorted({int(m.group(1)) for p in Path(path).parent.iterdir() if (m := pattern.match(p.name))})
+            sizes = sorted({int(m.group(1)) for p in storage.listdir() if (m := pattern.match(p))})
         except OSError:
             sizes = []
         hint = f"; per-rank files exist for world size(s) {sizes}" if sizes else ""

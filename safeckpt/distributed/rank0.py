@@ -21,6 +21,7 @@ from ..handler import Reporter
 from ..limits import DEFAULT_LIMITS, Limits
 from ..loading import load
 from ..saving import save_multi_files, save_single_file
+from ..storage import is_url
 from ._comm import broadcast_outcome, dist_ready, world
 
 __all__ = ["default_device", "load_on_all_ranks", "save_on_rank0"]
@@ -49,7 +50,7 @@ def default_device() -> torch.device:
 
 
 def _save(
-    nn_handler: Any, state: Mapping[Any, Any], path: Path, multi: bool, keys_to_save: Iterable[str] | None, format: str
+    nn_handler: Any, state: Mapping[Any, Any], path: Any, multi: bool, keys_to_save: Iterable[str] | None, format: str
 ) -> Path | dict[str, Path]:
     if multi:
         return save_multi_files(nn_handler, state, path, keys_to_save, format=format)
@@ -64,10 +65,14 @@ def _result_json(result: Path | dict[str, Path]) -> Any:
     return os.fspath(result)
 
 
+def _as_returned(item: str) -> Any:
+    return item if is_url(item) else Path(item)
+
+
 def _result_from_json(value: Any) -> Path | dict[str, Path]:
     if isinstance(value, list):
-        return {str(key): Path(item) for key, item in value}
-    return Path(str(value))
+        return {str(key): _as_returned(item) for key, item in value}
+    return _as_returned(str(value))
 
 
 def save_on_rank0(
@@ -107,7 +112,7 @@ def save_on_rank0(
             failure and their own rank, and ``source_rank``/``remote_type`` attributes.
             Errors go through ``nn_handler.raise_error`` when it has one.
     """
-    target = Path(path)
+    target: Any = path if is_url(path) else Path(path)  # a URL is never made a local path
     if not dist_ready():
         return _save(nn_handler, state, target, multi, keys_to_save, format)
     reporter = Reporter(nn_handler)

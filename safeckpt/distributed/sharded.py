@@ -42,9 +42,10 @@ from ..checkpoint import Checkpoint
 from ..container import encode_state, read_header, skeleton_file_bytes, write_single
 from ..errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from ..handler import Reporter
-from ..io import atomic_write, fsync_dir
+from ..storage import atomic_write, fsync_dir
 from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
+from ..storage import is_url
 from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
 from .tree import Slot, merge_tensors, split_tensors
 
@@ -60,6 +61,16 @@ _SHARDING_INFO = "DCP_SHARDING_INFO"  # a shard's __metadata__ key: JSON {key: {
 
 # --------------------------------------------------------------------------- helpers
 
+
+
+def _local_root(path: str | os.PathLike[str]) -> Path:
+    """A sharded checkpoint's directory: DCP writes it with local file I/O, so a URL is refused."""
+    if is_url(path) and not str(path).startswith("file://"):
+        raise ValueError(
+            f"{path}: sharded checkpoints are written by torch.distributed.checkpoint to a local (or "
+            "mounted) directory every rank sees; use a path, not a URL"
+        )
+    return Path(str(path).removeprefix("file://"))
 
 def _sync(error: BaseException | None, reporter: Reporter, action: str, *, everyone: bool, collective: bool = True) -> None:
     """Make every rank raise if the step failed anywhere (rank 0 only, or any rank with ``everyone``)."""
@@ -159,7 +170,7 @@ def save_sharded(nn_handler: Any, state: Mapping[Any, Any], path: str | os.PathL
 
     reporter = Reporter(nn_handler)
     rank, world_size = world()
-    root = Path(path)
+    root = _local_root(path)
     error: BaseException | None = None
     try:
         skeleton, slots, tensors = split_tensors(state)
@@ -413,7 +424,7 @@ def load_sharded(
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reporter = Reporter(nn_handler)
-    root = Path(path)
+    root = _local_root(path)
     collective = dist_ready() and not no_dist
     error: BaseException | None = None
     try:

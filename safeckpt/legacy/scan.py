@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import policy
+from ..container import parse_root, read_header, read_skeleton_file
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..limits import DEFAULT_LIMITS, Limits
@@ -80,13 +81,13 @@ def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Sc
     name = os.fspath(path)
     kind = detect(name)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON, Kind.MANIFEST):
-        from ..loading import open as open_checkpoint
-
         if kind is Kind.MANIFEST:
             fmt = "safeckpt-multi"
+        elif kind is Kind.SKELETON:
+            parse_root(read_skeleton_file(name, limits), limits, name, standalone=True)
+            fmt = "safeckpt"
         else:
-            with open_checkpoint(name, limits=limits) as ckpt:
-                fmt = "safeckpt" if ckpt.is_safeckpt else "safetensors"
+            fmt = "safeckpt" if read_header(name, limits).is_safeckpt else "safetensors"
         return ScanReport(name, fmt, "safe", (), ())
     report = Report()
     fmt = kind.value

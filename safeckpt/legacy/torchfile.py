@@ -28,7 +28,7 @@ import torch
 
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
-from ..io import map_file
+from ..storage import open_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
 from .rebuild import Rebuilder, StorageRef, StorageType
@@ -132,7 +132,8 @@ class _Reader:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self._mapping is None:
-            self._mapping = map_file(self.path)
+            with open_file(self.path) as source:  # a regular file only; the mapping outlives the descriptor
+                self._mapping = source.mapping()
         if offset < 0:
             raise CheckpointFormatError(f"{self.path}: storage bytes at negative offset {offset}", file=self.path)
         check_in_file(offset + nbytes, self._mapping.size, lambda: f"{self.path}: storage bytes [{offset}, {offset + nbytes})", file=self.path)

@@ -1,4 +1,4 @@
-"""Atomic file writes: a checkpoint at a path is always the old one or the new one, whole.
+"""Atomic local file writes: a checkpoint at a path is always the old one or the new one, whole.
 
 The new file is written under its final name inside a private sibling directory
 (``.<name>.<pid>-<token>.tmp/<name>``), flushed and fsynced, then renamed over
@@ -10,7 +10,6 @@ that died (their pid is gone) are removed by the next save to the same path.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import secrets
 import shutil
@@ -18,9 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
-__all__ = ["atomic_path", "atomic_write", "fsync_dir", "map_file", "pid_alive"]
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "pid_alive"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -97,15 +94,3 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             write(f)
             f.flush()
     return Path(path)
-
-
-def map_file(path: str | os.PathLike[str]) -> np.ndarray:
-    """The whole file as a flat ``uint8`` array over one private copy-on-write mapping.
-
-    Slices of it are zero-copy views; writing to them never reaches the file, and
-    the page cache is shared with every other process mapping the same file.
-    """
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)

@@ -1,0 +1,153 @@
+"""The storage interface: what the layers above need from a local directory or an object store.
+
+A :class:`Storage` is rooted at one directory (or prefix); every name it takes
+is relative to that root (``"step_1/COMMITTED"``). A :class:`ByteSource` is one
+file opened for reading: its size, byte ranges, and a memory mapping or local
+path when the backend has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+__all__ = ["ByteSource", "FileRecord", "Storage"]
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A written file: name relative to its storage, size, and digest.
+
+    ``sha256`` is the digest of the length prefix and header for a safetensors
+    file (the header records every tensor's digest), of the whole file otherwise.
+    One record serves the multi-file manifest, the manager's marker and the
+    sharded index.
+    """
+
+    name: str
+    size: int
+    sha256: str
+
+
+class ByteSource:
+    """One file opened for reading."""
+
+    name: str  # the file as a path or URL, for messages
+    size: int
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``; a short read raises CheckpointFormatError."""
+        raise NotImplementedError
+
+    def head(self, n: int = 64 * 1024) -> bytes:
+        """The first ``n`` bytes (fewer for a shorter file), read once and kept: the format check and
+        the header usually take one read (one range request on remote storage)."""
+        cached: bytes | None = getattr(self, "_head", None)
+        want = min(self.size, n)
+        if cached is None or len(cached) < want:
+            cached = self.read(0, max(want, min(self.size, 64 * 1024)))
+            self._head = cached
+        return cached[:want]
+
+    def mapping(self) -> np.ndarray | None:
+        """The whole file as a private copy-on-write ``uint8`` mapping, where the backend has one."""
+        return None
+
+    @property
+    def local_path(self) -> Path | None:
+        """The file's local path, where there is one."""
+        return None
+
+    def close(self) -> None:
+        """Release what the source holds; reading again reopens it."""
+
+    def __enter__(self) -> ByteSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Storage:
+    """Files under one root. Subclasses: :class:`~.local.LocalStorage`, :class:`~.remote_fs.FsspecStorage`."""
+
+    url: str  # the root as a path or URL
+
+    def display(self, rel: str) -> str:
+        """``rel`` as a path or URL for messages and return values."""
+        raise NotImplementedError
+
+    def child(self, rel: str) -> Storage:
+        """The storage rooted at the directory ``rel`` (refused when it is a link)."""
+        raise NotImplementedError
+
+    def local_path(self, rel: str) -> Path | None:
+        """The local path of ``rel`` (checked: no link below the root), or ``None`` on remote storage."""
+        return None
+
+    # writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def atomic_path(self, rel: str) -> Iterator[Path]:
+        """A temporary local path named like ``rel``; when the block succeeds it becomes ``rel``, whole."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def write_stream(self, rel: str, fill: Callable[[BinaryIO], Any]) -> None:
+        """Write ``rel`` by calling ``fill(f)`` on a write-only file; the file appears whole or not at all."""
+        raise NotImplementedError
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` holding ``data``, whole or not at all."""
+        self.write_stream(rel, lambda f: f.write(data))
+
+    def makedirs(self, rel: str = "") -> None:
+        raise NotImplementedError
+
+    # reading -------------------------------------------------------------------------
+
+    def open(self, rel: str) -> ByteSource:
+        """Open a regular file for reading.
+
+        Raises:
+            FileNotFoundError: if it is missing.
+            CheckpointFormatError: if it is a link below the root or not a regular file.
+        """
+        raise NotImplementedError
+
+    def size(self, rel: str) -> int:
+        with self.open(rel) as source:
+            return source.size
+
+    def read(self, rel: str, max_bytes: int = 16 << 20) -> bytes:
+        """The whole of a small file, read only up to one byte past ``max_bytes``.
+
+        Raises:
+            ValueError: if the file holds more than ``max_bytes``.
+        """
+        with self.open(rel) as source:
+            if source.size > max_bytes:
+                raise ValueError(f"{self.display(rel)} is larger than {max_bytes} bytes")
+            return source.read(0, source.size)
+
+    def exists(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    def listdir(self, rel: str = "") -> dict[str, int | None]:
+        """``{name: size}`` of the regular files and directories (``None``) under ``rel``; links are left out."""
+        raise NotImplementedError
+
+    # removing ------------------------------------------------------------------------
+
+    def remove(self, rel: str) -> None:
+        """Delete one file (never through a link); missing is fine."""
+        raise NotImplementedError
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete a directory and everything under it (never through a link); missing is fine."""
+        raise NotImplementedError
