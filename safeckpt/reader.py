@@ -164,6 +164,10 @@ def load_set(path: str | os.PathLike[str], keys: Iterable[str] | None, options: 
 def _manifest_name(storage: Storage, name: str) -> str | None:
     if name.endswith(MANIFEST_SUFFIX):
         return name if storage.exists(name) else None
+    if storage.exists(name):  # a named JSON file is read as a manifest: any other JSON is refused there
+        with storage.open(name) as source:
+            if _kind(source) is Kind.MANIFEST:
+                return name
     candidate = split_base(name) + MANIFEST_SUFFIX
     return candidate if storage.exists(candidate) else None
 
