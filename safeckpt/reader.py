@@ -254,6 +254,6 @@ def load_any(path: str | os.PathLike[str], options: ReadOptions) -> Any:
             raise FileNotFoundError(2, "no such file", render_path(path)) from None
         return load_set_in(storage, name, None, options, shown=render_path(path))
     with source:
-        if _kind(source) is not Kind.MANIFEST:
-            return load_source(source, options)
+        if _kind(source) is not Kind.MANIFEST or not str(path).endswith(MANIFEST_SUFFIX):
+            return load_source(source, options)  # other JSON: "not a safeckpt checkpoint"
     return load_set(path, None, options)
