@@ -442,7 +442,7 @@ def save_breakdown(spec: dict[str, Any], clock: Clock) -> None:
 
     1. ``encode_state`` (the skeleton and the tensor plan);
     2. ``write_single`` into a plain file: the streaming write with SHA-256 hashing and the fsync, as
-       safeckpt does them (direct I/O for large files, see ``safeckpt/sinks.py``);
+       safeckpt does them (direct I/O for large files, see ``safeckpt/stream.py``);
     3. the same write with hashing replaced by a no-op;
     4. SHA-256 of every entry alone, on one thread.
     """

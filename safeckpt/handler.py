@@ -44,12 +44,6 @@ class Reporter:
         else:
             logger.info(message)
 
-    def warn(self, message: str) -> None:
-        log = getattr(self.handler, "log", None)
-        if callable(log):
-            log(message)
-        logger.warning(message)
-
     def fail(self, exc: BaseException, message: str) -> NoReturn:
         """Raise ``exc`` with ``message`` (which names the rank), through ``raise_error`` when present."""
         raise_error = getattr(self.handler, "raise_error", None)

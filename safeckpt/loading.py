@@ -41,7 +41,7 @@ def open(
         verify: check recorded SHA-256 digests of what is read.
         limits: bounds on what the file may declare; set them when reading untrusted files.
         storage_options: for an fsspec URL (``s3://...``), the filesystem's options; a
-            remote file is read with range requests (see :mod:`safeckpt.remote`).
+            remote file is read with range requests (see :mod:`safeckpt.storage`).
         copy: return tensors in fresh memory rather than as views of a copy-on-write
             mapping of the file (see :class:`Checkpoint`).
 

@@ -1,7 +1,7 @@
 """Reading ``torch.save`` files and bare pickles without executing a byte of them.
 
 :func:`read_torch_file` interprets their pickles symbolically (see :mod:`.vm`),
-against the allowlist and blocklist of :mod:`.policy`; :func:`scan` reports what
+against the allowlist and blocklist of :mod:`safeckpt.policy`; :func:`scan` reports what
 a file references without loading its tensors.
 """
 

@@ -38,7 +38,6 @@ __all__ = ["LegacyFile", "read_torch_file"]
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
-_NESTED_DEPTH = 3
 
 
 @dataclass
