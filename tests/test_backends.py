@@ -23,7 +23,7 @@ import safeckpt
 from safeckpt.distributed import save_on_rank0
 from safeckpt.manager import CheckpointManager
 from safeckpt.multifile import ManifestEntry, manifest_bytes, read_manifest_in
-from safeckpt.storage import open_storage
+from safeckpt.storage import open_storage, render_path
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -243,3 +243,13 @@ def test_manager_save_retain_restore(root: str, multi: bool, format: str) -> Non
     assert restored["epoch"] == 3
     assert CheckpointManager(_join(root, "run")).latest() == 3
     assert [f.name for f in mgr.step_files(3)]
+
+
+def test_scan_takes_urls_and_names_them(root: str) -> None:
+    storage = open_storage(root)
+    storage.makedirs("")
+    with storage.atomic_path("legacy.pth") as temp:
+        torch.save({"w": torch.ones(2)}, temp)
+    report = safeckpt.scan(_join(root, "legacy.pth"))
+    assert report.verdict == "safe" and report.format == "torch-zip"
+    assert report.path == render_path(_join(root, "legacy.pth"))

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import policy
 from ..container import parse_root, read_header, read_skeleton_file
 from ..detect import Kind, detect
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..limits import DEFAULT_LIMITS, Limits
+from ..storage import is_url, open_source
 from .torchfile import read_torch_file
 from .vm import Finding, Report
 
@@ -67,7 +72,9 @@ def _verdict(report: Report, uses: tuple[GlobalUse, ...]) -> str:
     return "safe"
 
 
-def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
+def scan(
+    path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS, storage_options: Mapping[str, Any] | None = None
+) -> ScanReport:
     """Report the globals a checkpoint names and the tricks it uses, without executing it.
 
     safeckpt and safetensors files hold no pickle and are always ``"safe"``. For a
@@ -78,7 +85,9 @@ def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Sc
         FileNotFoundError: if there is no such file.
         CheckpointFormatError: if it is not a checkpoint (and nothing dangerous was seen first).
     """
-    name = os.fspath(path)
+    if is_url(path) and not str(path).startswith("file://"):
+        return _scan_url(str(path), limits, storage_options)
+    name = os.fspath(path).removeprefix("file://")
     kind = detect(name)
     if kind in (Kind.SAFETENSORS, Kind.SKELETON, Kind.MANIFEST):
         if kind is Kind.MANIFEST:
@@ -103,3 +112,21 @@ def scan(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Sc
         GlobalUse(n, frozenset(how), policy.classify(*n.split(":", 1))) for n, how in sorted(report.uses.items())
     )
     return ScanReport(name, fmt, _verdict(report, uses), uses, tuple(report.findings))
+
+
+def _scan_url(url: str, limits: Limits, storage_options: Mapping[str, Any] | None) -> ScanReport:
+    """Scan a remote file from a temporary local copy; the report and any error name the URL."""
+    with open_source(url, storage_options) as source, tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:
+        temp = os.path.join(tmp, url.rstrip("/").rpartition("/")[2] or "file")
+        with open(temp, "wb") as f:
+            position = 0
+            while position < source.size:
+                end = min(source.size, position + (1 << 26))
+                f.write(source.read(position, end))
+                position = end
+        try:
+            return dataclasses.replace(scan(temp, limits=limits), path=url)
+        except SafeCkptError as exc:
+            exc.args = (str(exc).replace(temp, url), *exc.args[1:])
+            exc.file = url
+            raise
