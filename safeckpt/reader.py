@@ -33,7 +33,7 @@ from .multifile import (
     split_base,
 )
 from .refs import AllowList, resolve_allowed
-from .storage import ByteSource, Storage, locate, open_source, render_path
+from .storage import ByteSource, Storage, locate, open_source, display_path
 
 __all__ = ["ReadOptions", "load_any", "load_file", "load_set", "load_set_in", "load_source", "open_lazy"]
 
@@ -158,7 +158,7 @@ def _load_torch_path(path: Path, name: str, options: ReadOptions) -> Any:
 def load_set(path: str | os.PathLike[str], keys: Iterable[str] | None, options: ReadOptions) -> dict[str, Any]:
     """:func:`safeckpt.load_multi_files` on any storage (``path``: the base path or the manifest)."""
     storage, name = locate(path, options.storage_options)
-    return load_set_in(storage, name, keys, options, shown=render_path(path))
+    return load_set_in(storage, name, keys, options, shown=display_path(path))
 
 
 def _manifest_name(storage: Storage, name: str) -> str | None:
@@ -251,8 +251,8 @@ def load_any(path: str | os.PathLike[str], options: ReadOptions) -> Any:
     except FileNotFoundError:
         storage, name = locate(path, options.storage_options)
         if _manifest_name(storage, name) is None and not discover_in(storage, name):
-            raise FileNotFoundError(2, "no such file", render_path(path)) from None
-        return load_set_in(storage, name, None, options, shown=render_path(path))
+            raise FileNotFoundError(2, "no such file", display_path(path)) from None
+        return load_set_in(storage, name, None, options, shown=display_path(path))
     with source:
         if _kind(source) is not Kind.MANIFEST or not str(path).endswith(MANIFEST_SUFFIX):
             return load_source(source, options)  # other JSON: "not a safeckpt checkpoint"

@@ -18,7 +18,7 @@ from .handler import Reporter
 from .loading import load_single_file
 from .multifile import DEFAULT_KEYS, MANIFEST_SUFFIX, check_keys, split_base
 from .refs import GlobalRef
-from .storage import is_url, locate, render_path
+from .storage import is_url, locate, display_path
 from .writer import FORMATS, check_format, plan_multi, plan_single, write_files, write_set
 
 __all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
@@ -61,7 +61,7 @@ def save_single_file(
     """
     check_format(format)
     reporter = Reporter(nn_handler)
-    shown = render_path(path)
+    shown = display_path(path)
     try:
         storage, name = locate(path, storage_options)
         storage.makedirs("")
@@ -161,7 +161,7 @@ def save_multi_files(
     """
     check_format(format)
     reporter = Reporter(nn_handler)
-    shown = render_path(path)
+    shown = display_path(path)
     try:
         written = _write_multi(state, path, keys_to_save, format, storage_options)
     except Exception as exc:

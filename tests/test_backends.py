@@ -23,7 +23,7 @@ import safeckpt
 from safeckpt.distributed import save_on_rank0
 from safeckpt.manager import CheckpointManager
 from safeckpt.multifile import ManifestEntry, manifest_bytes, read_manifest_in
-from safeckpt.storage import open_storage, render_path
+from safeckpt.storage import open_storage, display_path
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -252,4 +252,4 @@ def test_scan_takes_urls_and_names_them(root: str) -> None:
         torch.save({"w": torch.ones(2)}, temp)
     report = safeckpt.scan(_join(root, "legacy.pth"))
     assert report.verdict == "safe" and report.format == "torch-zip"
-    assert report.path == render_path(_join(root, "legacy.pth"))
+    assert report.path == display_path(_join(root, "legacy.pth"))

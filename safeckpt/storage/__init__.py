@@ -17,7 +17,7 @@ from .atomic import atomic_path, atomic_write, fsync_dir, pid_alive
 from .base import ByteSource, FileRecord, Storage
 from .fsspec_store import FsspecSource, FsspecStorage
 from .local import LocalSource, LocalStorage, open_file, open_regular
-from .paths import is_url, join, render_path, split_location
+from .paths import is_url, join, display_path, split_location
 
 __all__ = [
     "ByteSource",
@@ -38,7 +38,7 @@ __all__ = [
     "open_source",
     "open_storage",
     "pid_alive",
-    "render_path",
+    "display_path",
     "split_location",
 ]
 

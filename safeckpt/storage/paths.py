@@ -6,7 +6,7 @@ import os
 import posixpath
 from typing import Any
 
-__all__ = ["is_url", "render_path", "split_location"]
+__all__ = ["is_url", "display_path", "split_location"]
 
 
 def is_url(path: Any) -> bool:
@@ -14,7 +14,7 @@ def is_url(path: Any) -> bool:
     return isinstance(path, str) and "://" in path
 
 
-def render_path(path: Any) -> str:
+def display_path(path: Any) -> str:
     """A path or URL as text for messages and return values (``file://`` URLs and local paths as paths)."""
     if is_url(path):
         return str(path)
