@@ -200,7 +200,7 @@ def test_s3_failed_upload_leaves_no_object(s3: dict[str, Any], monkeypatch: pyte
     monkeypatch.setattr(safeckpt.writer, "stream_single", half_then_fail)
     with pytest.raises(OSError, match="connection reset"):
         remote.save_single_file(None, _state(6), url, storage_options=s3)
-    monkeypatch.setattr(remote, "stream_single", real)
+    monkeypatch.setattr(safeckpt.writer, "stream_single", real)
     fs = fsspec.filesystem("s3", **s3)
     assert not fs.exists(url)
 
@@ -237,3 +237,28 @@ def test_public_functions_take_urls() -> None:
     assert set(written) == {"model_state_dict", "model_kwargs"}
     parts = safeckpt.load_multi_files("memory://public-api/run/m.pth", verify=True)
     assert parts["model_kwargs"]["seed"] == 7 and torch.equal(parts["model_state_dict"]["w"], torch.arange(6.0))
+
+
+def test_s3_interrupted_rewrite_keeps_the_old_set_and_step(s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Atomicity through the one writer on S3: a failed component upload leaves the committed set
+    (manifest last) and the committed manager step loadable, and the failed object absent."""
+    import safeckpt.writer
+
+    url = "s3://ckpts/rewrite/m.pth"
+    safeckpt.save_multi_files(None, _state(8), url, storage_options=s3)
+    mgr = CheckpointManager("s3://ckpts/rewrite-run", multi=True, storage_options=s3)
+    mgr.save(1, _state(8))
+
+    def fail(f: Any, encoded: Any) -> Any:
+        f.write(b"\x00" * 100)
+        raise OSError(5, "connection reset")
+
+    monkeypatch.setattr(safeckpt.writer, "stream_single", fail)
+    with pytest.raises(OSError, match="connection reset"):
+        safeckpt.save_multi_files(None, _state(9), url, storage_options=s3)
+    with pytest.raises(OSError, match="connection reset"):
+        mgr.save(2, _state(9))
+    monkeypatch.undo()
+    _same(safeckpt.load(url, storage_options=s3, verify=True)["model_state_dict"], _state(8)["model_state_dict"])
+    assert CheckpointManager("s3://ckpts/rewrite-run", storage_options=s3).all_steps() == [1]
+    _same(mgr.restore(verify=True)["model_state_dict"], _state(8)["model_state_dict"])

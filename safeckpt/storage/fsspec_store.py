@@ -3,7 +3,8 @@
 Atomicity, per backend:
 
 - ``s3://`` (s3fs), ``gs://`` (gcsfs): an object appears whole when its upload
-  completes; a write that fails in-process is aborted (``discard``) and removed;
+  completes; a write that fails in-process is aborted (``discard``), and the
+  previous object at that key, if any, stays as it was;
 - ``memory://``: each file is built in memory and stored in one step;
 - other backends: whatever a completed ``open(..., "wb")`` gives.
 
@@ -97,23 +98,29 @@ class FsspecStorage(Storage):
             fill(buffer)
             self.fs.pipe_file(target, buffer.getvalue())
             return
+        existed = bool(self.fs.exists(target))
         f = self.fs.open(target, "wb")
         try:
             fill(f)
         except BaseException:
-            self._abandon(f, target)
+            self._abandon(f, target, existed)
             raise
         f.close()
 
-    def _abandon(self, f: Any, target: str) -> None:
-        """Drop a half-written upload: abort it (s3fs aborts the multipart upload) and never commit it."""
+    def _abandon(self, f: Any, target: str, existed: bool) -> None:
+        """Drop a half-written upload: abort it (s3fs aborts the multipart upload) and never commit it.
+
+        What a backend left at ``target`` is removed only when nothing was there before: on an
+        object store the previous object is still the committed one, and stays.
+        """
         with contextlib.suppress(Exception):
             discard = getattr(f, "discard", None)
             if callable(discard):
                 discard()
             f.closed = True  # closing would upload what was buffered
-        with contextlib.suppress(Exception):
-            self.fs.rm_file(target)
+        if not existed:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(target)
 
     def makedirs(self, rel: str = "") -> None:
         if not self._memory or rel:
