@@ -45,7 +45,7 @@ from ..handler import Reporter
 from ..storage import atomic_write, fsync_dir
 from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
-from ..storage import is_url
+from ..storage import LocalStorage, is_url
 from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
 from .tree import Slot, merge_tensors, split_tensors
 
@@ -266,9 +266,11 @@ def _hashable(value: Any) -> bool:
 
 
 def _check_shards(root: Path, expected: dict[str, int]) -> None:
-    """The shard directory holds exactly the recorded files, at their recorded sizes (DCP's reader reads every one)."""
+    """The shard directory holds exactly the recorded files, as regular files (never links), at their
+    recorded sizes (DCP's reader reads every one)."""
     shard_dir = root / SHARD_DIR
-    found = {f.name: f.stat().st_size for f in shard_dir.iterdir() if f.suffix == ".safetensors"} if shard_dir.is_dir() else {}
+    listing = LocalStorage(root).child(SHARD_DIR).listdir()  # links and special files are left out: "missing"
+    found = {name: size for name, size in listing.items() if size is not None and name.endswith(".safetensors")}
     if found != expected:
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
