@@ -42,8 +42,6 @@ import datetime
 import json
 import math
 import os
-import posixpath
-import re
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -54,41 +52,20 @@ from .multifile import MANIFEST_SUFFIX, check_keys
 from .reader import ReadOptions, load_set_in, load_source
 from .snapshot import BackgroundWriter, freeze
 from .storage import FileRecord, open_storage, pid_alive
-from .version import __version__
+from .steps import (
+    BASE,
+    LOCK,
+    MARKER,
+    MAX_MARKER_BYTES,
+    STEP_DIR,
+    clean_metrics,
+    make_marker,
+    step_dir,
+    valid_marker,
+)
 from .writer import Payload, TorchValue, plan_multi, plan_single, write_files, write_set
 
 __all__ = ["CheckpointManager"]
-
-MARKER = "COMMITTED"
-LOCK = "WRITING"
-MARKER_FORMAT = "safeckpt-step"
-MARKER_VERSION = 1
-MAX_MARKER_BYTES = 16 << 20  # a marker or lock larger than this is not one safeckpt wrote (the step is incomplete)
-MAX_METRICS_BYTES = 1 << 20  # what a save may record as metrics: its marker stays far below MAX_MARKER_BYTES
-BASE = "checkpoint"
-_STEP_DIR = re.compile(r"step_([0-9]{12,})\Z")
-_FILE_NAME = re.compile(r"[A-Za-z0-9_.%#-][A-Za-z0-9_.%#+ -]{0,254}\Z")
-
-
-def _step_dir(step: int) -> str:
-    return f"step_{step:012d}"
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in (metrics or {}).items():
-        if not isinstance(name, str):
-            raise TypeError(f"metric names must be str, got {name!r}")
-        if hasattr(value, "item") and not isinstance(value, (int, float)):
-            value = value.item()  # a 0-d tensor or numpy scalar
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"metric {name!r} must be a number or str, got {type(value).__name__}")
-        out[name] = value
-    size = len(json.dumps(out).encode())
-    if size > MAX_METRICS_BYTES:
-        raise ValueError(f"the metrics take {size} bytes as JSON; a step records at most {MAX_METRICS_BYTES}")
-    return out
-
 
 class CheckpointManager:
     """Keeps the checkpoints of a training run in ``directory``: save, list, retain, restore.
@@ -184,7 +161,7 @@ class CheckpointManager:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         if self._marker(step) is not None:
             raise ValueError(f"step {step} is already saved in {self.directory}")
-        clean = _clean_metrics(metrics)
+        clean = clean_metrics(metrics)
         files = self._plan(state)
         if not blocking:
             for _, payload in files:
@@ -209,7 +186,7 @@ class CheckpointManager:
         return plan_multi(state, BASE, check_keys(list(state)), self.format)
 
     def _write_step(self, step: int, files: list[tuple[str, Payload]], metrics: dict[str, Any]) -> None:
-        rel = _step_dir(step)
+        rel = step_dir(step)
         self._store.remove_tree(rel)  # an incomplete earlier attempt at this step
         self._store.makedirs(rel)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -221,18 +198,8 @@ class CheckpointManager:
             records = write_set(self._store, named, keys, f"{rel}/{BASE}{MANIFEST_SUFFIX}", format=self.format, record=True)
         else:
             records = write_files(self._store, named, format=self.format)
-        marker = {
-            "format": MARKER_FORMAT,
-            "format_version": MARKER_VERSION,
-            "step": step,
-            "metrics": metrics,
-            "created": now,
-            "library_version": __version__,
-            "layout": "multi" if self.multi else "single",
-            "entry": posixpath.basename(records[-1].name),
-            "files": [{"name": posixpath.basename(r.name), "size": r.size, "sha256": r.sha256} for r in records],
-        }
-        self._store.write_bytes(f"{rel}/{MARKER}", json.dumps(marker, indent=2).encode())  # the commit point
+        marker = make_marker(step, metrics, now, "multi" if self.multi else "single", records)
+        self._store.write_bytes(f"{rel}/{MARKER}", marker)  # the commit point
         self._store.remove(f"{rel}/{LOCK}")
         self._retain()
 
@@ -241,7 +208,7 @@ class CheckpointManager:
     def _step_dirs(self) -> dict[int, str]:
         out = {}
         for name, size in self._store.listdir().items():
-            match = _STEP_DIR.match(name)
+            match = STEP_DIR.match(name)
             if match and size is None:
                 out[int(match.group(1))] = name
         return out
@@ -250,8 +217,8 @@ class CheckpointManager:
         """The valid marker of ``step``, or ``None`` (incomplete or missing)."""
         if step in self._markers:
             return self._markers[step]
-        document = self._read_json(f"{_step_dir(step)}/{MARKER}")
-        if not self._valid_marker(document, step):
+        document = self._read_json(f"{step_dir(step)}/{MARKER}")
+        if not valid_marker(document, step):
             return None
         self._markers[step] = document
         return document
@@ -262,24 +229,6 @@ class CheckpointManager:
             return json.loads(self._store.read(rel, MAX_MARKER_BYTES))
         except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return None
-
-    @staticmethod
-    def _valid_marker(doc: Any, step: int) -> bool:
-        if type(doc) is not dict or doc.get("format") != MARKER_FORMAT or doc.get("step") != step:
-            return False
-        if type(doc.get("format_version")) is not int or doc["format_version"] > MARKER_VERSION:
-            return False
-        files = doc.get("files")
-        if type(files) is not list or doc.get("layout") not in ("single", "multi") or type(doc.get("metrics")) is not dict:
-            return False
-        names = []
-        for item in files:
-            if type(item) is not dict or type(item.get("name")) is not str or not _FILE_NAME.match(item["name"]):
-                return False
-            if type(item.get("size")) is not int or type(item.get("sha256")) is not str:
-                return False
-            names.append(item["name"])
-        return doc.get("entry") in names
 
     def _complete_steps(self) -> list[int]:
         steps = sorted(step for step in self._step_dirs() if self._marker(step) is not None)
@@ -363,7 +312,7 @@ class CheckpointManager:
         marker = self._marker(step)
         if marker is None:
             raise FileNotFoundError(f"no complete step {step} in {self.directory}; complete steps: {self.all_steps()}")
-        rel = _step_dir(step)
+        rel = step_dir(step)
         present = self._store.listdir(rel)
         for item in marker["files"]:
             if present.get(item["name"]) != item["size"]:
@@ -398,7 +347,7 @@ class CheckpointManager:
         self._cleanup(steps)
 
     def _delete(self, step: int) -> None:
-        rel = _step_dir(step)
+        rel = step_dir(step)
         self._store.remove(f"{rel}/{MARKER}")  # first: from here on it is incomplete, never torn-but-complete
         self._markers.pop(step, None)
         self._store.remove_tree(rel)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
