@@ -120,6 +120,8 @@ class Checkpoint:
             (choose it when the file may be changed in place or truncated while tensors live:
             safeckpt's own saves replace files by rename and never do that).
         storage_options: for an fsspec URL, the filesystem's options.
+        source: the file, already opened through :mod:`safeckpt.storage` (the reader
+            passes it so that a file is opened, and checked, once); ``path`` then only names it.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
