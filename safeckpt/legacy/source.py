@@ -11,6 +11,7 @@ for its newline only as far as ``max_str_len``.
 
 from __future__ import annotations
 
+import pickletools
 import struct
 from typing import Any
 
@@ -168,3 +169,64 @@ class PickleSource:
         if len(text) > MAX_DECIMAL_DIGITS:
             raise self._error(f"a protocol 0 integer of {len(text)} characters (more than {MAX_DECIMAL_DIGITS})")
         return int(text, base)
+
+    # skipping -------------------------------------------------------------------------------
+
+    def skip(self) -> int:
+        """Read past the pickle without interpreting it (the file is left right after its STOP).
+
+        Returns:
+            the number of opcodes skipped.
+        """
+        fixed, counted = _FIXED, _COUNTED
+        count = 0
+        while True:
+            i = self._i
+            if i >= self._n:
+                if not self._fill(1):
+                    raise self._error("pickle ended without STOP")
+                i = self._i
+            self._pos = self._origin + i
+            self._i = i + 1
+            code = self._buf[i]
+            count += 1
+            n = fixed.get(code)
+            if n is not None:
+                if n:
+                    i = self._i
+                    if i + n > self._n:
+                        i = self._need(n)
+                    self._i = i + n
+                elif code == 0x2E:  # STOP
+                    self._end()
+                    return count
+            elif code in counted:
+                size = counted[code](self)
+                if size < 0:
+                    raise self._error("a negative length")
+                self._take(size, "value")
+            elif code in _LINES:
+                for _ in range(_LINES[code]):
+                    self._line()
+            else:
+                raise self._error(f"opcode 0x{code:02x} is not a pickle opcode")
+
+
+def _opcode_shapes() -> tuple[dict[int, int], dict[int, Any], dict[int, int]]:
+    fixed: dict[int, int] = {}
+    counted: dict[int, Any] = {}
+    lines: dict[int, int] = {}
+    readers = {-2: PickleSource._u1, -3: PickleSource._i4, -4: PickleSource._u4, -5: PickleSource._u8}
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        n = op.arg.n if op.arg is not None else 0
+        if n >= 0:
+            fixed[code] = n
+        elif n == pickletools.UP_TO_NEWLINE:
+            lines[code] = 2 if op.name in ("GLOBAL", "INST") else 1
+        else:
+            counted[code] = readers[n]
+    return fixed, counted, lines
+
+
+_FIXED, _COUNTED, _LINES = _opcode_shapes()
