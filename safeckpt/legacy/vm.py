@@ -916,9 +916,13 @@ def check_depth(value: Any, limit: int) -> None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, OpaqueObject):
+            if id(item) in seen:  # before listing its children: a value shared a million times is listed once
+                continue
             children: Any = (*item.args, *item.kwargs.values(), item.state, *(item.list_items or ()))
             children = (*children, *(x for pair in item.dict_items or () for x in pair))
         elif isinstance(item, dict):
+            if id(item) in seen:
+                continue
             children = (*item.keys(), *item.values())
         elif type(item) in (list, tuple, set, frozenset):
             children = item
