@@ -48,7 +48,7 @@ COSTS = {
 }
 
 _MAX_COST = 1 << 62  # costs saturate: a tuple DAG of shared halves has 2**depth nodes
-_ITEM_UNITS = {list: 1, tuple: 1, dict: 6, OrderedDict: 10, set: 6, frozenset: 6}
+_ITEM_UNITS: dict[type, int] = {list: 1, tuple: 1, dict: 6, OrderedDict: 10, set: 6, frozenset: 6}
 
 
 def shallow_units(value: Any) -> int:

@@ -29,6 +29,7 @@ extend its list in place, BUILD finds the memo slots to update through an index)
 from __future__ import annotations
 
 import codecs
+import gc
 import pickletools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -178,12 +179,17 @@ class SymbolicUnpickler(PickleSource):
         Raises:
             CheckpointFormatError: for malformed pickles (``LimitExceededError`` past limits).
         """
+        collecting = gc.isenabled()
+        gc.disable()  # a read makes many containers and no garbage cycles: the collector would walk them all again and again
         try:
             return self._run()
         except CheckpointFormatError:
             raise
         except Exception as exc:  # malformed input surfaces as anything: wrap it
             raise self._error(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        finally:
+            if collecting:
+                gc.enable()
 
     def _run(self) -> Any:
         table = self._table
