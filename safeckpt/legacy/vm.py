@@ -43,7 +43,7 @@ from ..errors import CheckpointFormatError, LimitExceededError
 from ..limits import Limits
 from ..refs import MAX_NAME_LEN, GlobalRef, OpaqueObject
 from .budget import COSTS, KeyCosts, shallow_units, work_error
-from .source import PickleSource
+from .source import _U4, PickleSource
 
 __all__ = ["Finding", "Report", "SymbolicUnpickler"]
 
@@ -111,6 +111,7 @@ def _short(value: Any) -> str:
 
 _HASHING_CALLS = frozenset({"builtins:set", "builtins:frozenset", "collections:OrderedDict"})
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes, tuple, list, dict, OrderedDict, set, frozenset})
+_SIZED = frozenset({str, bytes, bytearray, tuple, list, dict, OrderedDict, set, frozenset})
 _NO_VALUE = object()
 _C = COSTS
 
@@ -650,7 +651,11 @@ class SymbolicUnpickler(PickleSource):
         self._put(self._u1())
 
     def op_LONG_BINPUT(self) -> None:
-        self._put(self._u4())
+        i = self._i
+        if i + 4 > self._n:
+            i = self._need(4)
+        self._i = i + 4
+        self._put(_U4.unpack_from(self._buf, i)[0])
 
     def op_PUT(self) -> None:
         index = self._decimal(self._line())
@@ -666,7 +671,10 @@ class SymbolicUnpickler(PickleSource):
             value = self._memo[index]
         except KeyError:
             raise self._error(f"memo slot {index} read before it was written") from None
-        self._push(value)
+        stack = self._stack
+        if len(stack) >= self._room:
+            self._stack_full()
+        stack.append(value)
 
     def op_BINGET(self) -> None:
         i = self._i
@@ -676,7 +684,11 @@ class SymbolicUnpickler(PickleSource):
         self._get(self._buf[i])
 
     def op_LONG_BINGET(self) -> None:
-        self._get(self._u4())
+        i = self._i
+        if i + 4 > self._n:
+            i = self._need(4)
+        self._i = i + 4
+        self._get(_U4.unpack_from(self._buf, i)[0])
 
     def op_GET(self) -> None:
         self._get(self._decimal(self._line()))
@@ -774,7 +786,8 @@ class SymbolicUnpickler(PickleSource):
             args = tuple(self._settled(list(args)))
         units = _C["object"]
         for arg in args:
-            units += shallow_units(arg)
+            if type(arg) in _SIZED:
+                units += shallow_units(arg)
         if implementation is not None and not kwargs:
             if hashes:  # set(), frozenset(), OrderedDict() hash what they get
                 for arg in args:
