@@ -68,6 +68,8 @@ MEASURES: tuple[Measure, ...] = (
     _row("load", "load", "load.safeckpt", "`safeckpt.load`, full state + touch", "load_safeckpt", "safeckpt"),
     _row("load", "load", "load.safeckpt_tensors", "`safeckpt.load`, tensors-only state + touch", "load_safeckpt",
          "safeckpt_tensors"),
+    _row("load", "load", "load.safeckpt_legacy", "`safeckpt.load` of the `torch.save` file, tensors-only + touch "
+         "(the no-exec legacy reader)", "load_safeckpt", "torch_tensors"),
     _row("load", "load", "load.torch", "`torch.load(weights_only=True)`, tensors-only + touch", "load_torch",
          "torch_tensors"),
     _row("load", "load", "load.torch_mmap", "`torch.load(weights_only=True, mmap=True)`, tensors-only + touch",
@@ -139,6 +141,8 @@ TARGETS: tuple[Target, ...] = (
     Target("small", "save <= 1.0x torch.save", "save.safeckpt", ("save.torch",), 1.0),
     Target("small", "save peak RSS delta <= 10% of size + 64 MiB", "save.safeckpt", (), 0.10, "rss"),
     Target("small", "load + touch <= 1.2x load_file + touch", "load.safeckpt", ("load.safetensors",), 1.2),
+    Target("small", "legacy torch.save file: safeckpt.load <= 1.0x torch.load(weights_only=True)", "load.safeckpt_legacy",
+           ("load.torch",), 1.0),
     # informative: the same comparisons on equal footing (all fsynced) or on equal content
     Target("large", "save <= faster of torch.save+fsync and save_file+fsync", "save.safeckpt",
            ("save.torch_fsync", "save.safetensors_fsync"), 1.0, informative=True),

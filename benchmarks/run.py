@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --lean               # without the context rows: ~3 min
     python -m benchmarks --size-mib 1536 --small 20000 --repeats 3 --cold --profile --out results.json
     python -m benchmarks --size-mib 1536 --repeats 0 --profile   # only the safeckpt profiles
+    python -m benchmarks.adversarial --mib 1                      # the worst legacy pickles, per input MiB
 
 For each case (``large``: a model + its Adam state, ``--size-mib`` MiB of
 tensors in about 1,170 tensors; ``small``: ``--small`` tiny tensors; both with

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import targets_vm_budget
 
 import safeckpt
 from safeckpt.container import encode_state, parse_root, skeleton_file_bytes
@@ -261,6 +262,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "legacy": legacy,
         "scan": legacy + safe[:2] + components,
         "sharded": list(_sharded_seeds(tmp)),
+        "vm_budget": targets_vm_budget.SEEDS + [(n, d) for n, d in legacy if n.startswith("pickle")],
     }
 
 

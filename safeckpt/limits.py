@@ -35,6 +35,19 @@ class Limits:
         max_dims: number of dimensions of one tensor.
         max_container_len: items in one list, tuple, set or dict of the skeleton.
         max_str_len: bytes in one string, bytes value, big integer or inline array.
+        max_pickle_stack: values on a legacy pickle's stack at once, those under every
+            open MARK included (a tuple of n items needs n).
+        max_pickle_marks: MARKs open at once in a legacy pickle (one per container being
+            built, so about its nesting depth).
+        max_pickle_memo: entries in a legacy pickle's memo.
+        max_pickle_work: work a legacy pickle may cost whatever its size, in units of 8
+            bytes of a new value or one element hashed, copied or walked (an empty set is 27
+            units, a dict entry 5). Reading a pickle may cost ``max_pickle_work +
+            max_pickle_work_per_byte * (bytes read so far)``, checked before each
+            allocation or walk: memory and time stay proportional to the pickle's size.
+        max_pickle_work_per_byte: units of work each byte of a legacy pickle adds to
+            ``max_pickle_work``. Real checkpoints use under 4; a flood of 1-byte
+            containers would use 27.
     """
 
     max_header_bytes: int = 100 * MiB
@@ -45,6 +58,11 @@ class Limits:
     max_dims: int = 64
     max_container_len: int = 10_000_000
     max_str_len: int = 64 * MiB
+    max_pickle_stack: int = 10_000_000
+    max_pickle_marks: int = 10_000
+    max_pickle_memo: int = 10_000_000
+    max_pickle_work: int = 4 * MiB
+    max_pickle_work_per_byte: int = 16
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

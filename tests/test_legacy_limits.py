@@ -94,6 +94,7 @@ def test_container_length_limit(tmp_path: Path) -> None:
 def test_memo_flood_limit(tmp_path: Path) -> None:
     path = tmp_path / "memo.pkl"
     path.write_bytes(b"\x80\x04N" + b"\x94" * 50 + b".")  # MEMOIZE 50 times
-    assert safeckpt.load(path, limits=Limits(max_container_len=50)) is None
-    with pytest.raises(safeckpt.LimitExceededError):
-        safeckpt.load(path, limits=Limits(max_container_len=49))
+    assert safeckpt.load(path, limits=Limits(max_pickle_memo=50)) is None
+    with pytest.raises(safeckpt.LimitExceededError) as info:
+        safeckpt.load(path, limits=Limits(max_pickle_memo=49))
+    assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_pickle_memo", 49, 50)

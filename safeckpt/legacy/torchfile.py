@@ -21,7 +21,7 @@ import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..storage import open_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
 from .rebuild import Rebuilder, StorageRef, StorageType
+from .source import PickleSource
 from .vm import Report, SymbolicUnpickler, check_depth
 
 __all__ = ["LegacyFile", "read_torch_file"]
@@ -249,8 +250,7 @@ def _read_stream(reader: _Reader) -> tuple[Any, str]:
         if sys_info.get("little_endian") is False:
             raise CheckpointFormatError(f"{path}: big-endian legacy files are not supported", file=path)
         main_start = f.tell()
-        for _ in pickletools.genops(cast(BinaryIO, window)):  # skip the main pickle: storages come after it
-            pass
+        PickleSource(window, reader.limits).skip()  # skip the main pickle: storages come after it
         keys = reader.unpickler(window).load()
         if type(keys) is not list or not all(type(k) is str for k in keys):
             raise CheckpointFormatError(f"{path}: malformed legacy storage key list", file=path)
@@ -314,8 +314,8 @@ def _legacy_layout(
 
     f.seek(main_start)
     survey = Report()
-    SymbolicUnpickler(
-        window, survey, reader.limits, reader.rebuild.calls, record, values=reader.rebuild.values, build=reader.rebuild.build
+    SymbolicUnpickler(  # no constructor runs: only the persistent ids matter here
+        window, survey, reader.limits, {}, record, values=reader.rebuild.values, build=reader.rebuild.build
     ).load()
     table = {}
     f.seek(data_start)
