@@ -89,8 +89,8 @@ def _load_torch_file(
         return torch.load(path, map_location=_device(device), weights_only=False)
     if verify:
         raise IntegrityError(f"{path} is a torch.save file: it records no digests to verify", file=os.fspath(path))
+    allow = AllowList(allowed_globals)  # first, so a refused allowed name is warned about even when the file is refused
     value = read_torch_file(path, device=_device(device), limits=limits, copy=copy).value
-    allow = AllowList(allowed_globals)
     try:
         return resolve_allowed(value, allow, max_depth=limits.max_depth)
     except Exception as exc:  # an allowed name that cannot be imported or rebuilt
