@@ -7,8 +7,15 @@ Three answers, decided from the name alone and never by importing it:
   entry below says why it is safe. The reader calls *its own* implementation,
   never the object the name would import.
 - **dangerous**: a module or callable that can run code, touch the file system,
-  the network or the interpreter. A file that names one *in any way* (called,
-  instantiated, or merely referenced) is refused. Nothing overrides this list.
+  the network or the interpreter when ``torch.load(weights_only=False)`` or
+  ``pickle.load`` resolves it, and nothing else (see ``DANGEROUS_MODULE_REASONS``,
+  ``DANGEROUS_GLOBALS``, ``DANGEROUS_PREFIXES``). It is dangerous however it is
+  spelled: every window of the dotted name ``module.qualname`` (a module reached
+  as an attribute: ``torch:serialization.os.system``), Python 2 names
+  (``commands``, ``cPickle``, ``__builtin__``), dunder attributes, and every builtin
+  outside ``HARMLESS_BUILTINS``. A file that names one *in any way* (called,
+  instantiated, or merely referenced) is refused. Nothing overrides this list:
+  ``allowed_globals`` entries naming one are ignored with a warning.
 - **unknown**: everything else (your model classes, optimizers, enums...). It
   becomes an inert ``GlobalRef``/``OpaqueObject`` and is never imported.
 """
@@ -21,6 +28,7 @@ __all__ = [
     "ALLOWED",
     "DANGEROUS_GLOBALS",
     "DANGEROUS_MODULES",
+    "DANGEROUS_MODULE_REASONS",
     "DANGEROUS_PREFIXES",
     "HARMLESS_BUILTINS",
     "canonical",
@@ -92,28 +100,34 @@ for _dtype in (
 ).split():
     ALLOWED[f"torch:{_dtype}"] = "a torch.dtype constant"
 
-#: modules whose every name is refused, with their submodules.
-DANGEROUS_MODULES: frozenset[str] = frozenset(
-    """
-    os posix nt sys subprocess _posixsubprocess importlib imp pkgutil runpy zipimport site
-    pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve
-    code codeop pty pdb bdb timeit profile cProfile trace doctest inspect gc ctypes _ctypes cffi
-    socket _socket ssl select selectors asyncio multiprocessing concurrent threading _thread signal
-    pydoc pydoc_data posixpath ntpath genericpath pathlib glob zipfile tarfile gzip bz2 lzma dbm sqlite3
-    _multiprocessing _winapi msvcrt winreg _osx_support mailcap
-    shutil tempfile io _io fileinput webbrowser platform sysconfig resource fcntl mmap pwd grp termios
-    urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib nntplib xmlrpc socketserver
-    requests httpx aiohttp paramiko yaml jsonpickle
-    ast dis compileall py_compile tokenize linecache
-    setuptools distutils pip ensurepip venv idlelib tkinter turtle logging.config
-    torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor
-    torch.ops torch._ops torch.utils.collect_env torch.utils.data.datapipes torch._export torch.export torch.compiler
-    torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing
-    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio
-    """.split()
-)
+#: why each group of modules is refused (every name in them, and their submodules).
+DANGEROUS_MODULE_REASONS: dict[str, str] = {
+    "os posix nt sys subprocess _posixsubprocess pty signal resource fcntl pwd grp termios platform sysconfig "
+    "_multiprocessing multiprocessing concurrent threading _thread asyncio _winapi msvcrt winreg _osx_support "
+    "mailcap": "processes, shells, signals and the interpreter's own state",
+    "importlib imp pkgutil runpy zipimport site": "imports or runs modules by name",
+    "code codeop pdb bdb timeit profile cProfile trace doctest inspect gc idlelib tkinter turtle pydoc pydoc_data "
+    "ast dis compileall py_compile tokenize linecache": "compiles, runs or debugs source text (pydoc.pipepager runs a shell)",
+    "pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve yaml jsonpickle": "deserialisers that run code",
+    "ctypes _ctypes cffi mmap": "native code and raw memory",
+    "socket _socket ssl select selectors urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib "
+    "nntplib xmlrpc socketserver requests httpx aiohttp paramiko webbrowser": "the network",
+    "shutil tempfile io _io fileinput posixpath ntpath genericpath pathlib glob zipfile tarfile gzip bz2 lzma dbm "
+    "sqlite3 logging.config": "the file system (posixpath and ntpath are os.path and re-export os)",
+    "setuptools distutils pip ensurepip venv": "build tools that spawn processes",
+    "torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor torch.ops torch._ops "
+    "torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing torch.utils.collect_env "
+    "torch.utils.data.datapipes torch._export torch.export torch.compiler": "torch loaders, compilers, hub "
+    "downloads, operator registries and collect_env.run (a shell command)",
+    "numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio": "numpy runstring, compilers, "
+    "native loading and pickle-enabled loaders",
+}
+DANGEROUS_MODULES: frozenset[str] = frozenset(n for names in DANGEROUS_MODULE_REASONS for n in names.split())
 
-#: single names refused in modules that are otherwise merely unknown.
+#: single names refused in modules that are otherwise merely unknown: loaders that unpickle
+#: (torch.load, numpy.load, read_array), file access (from_file, memmap, codecs.open), call
+#: composers (attrgetter, methodcaller, partial, reduce), code and function constructors
+#: (types.*), copyreg's extension registry, compilers (torch.compile) and DataLoader workers.
 DANGEROUS_GLOBALS: frozenset[str] = frozenset(
     """
     torch:load torch:save torch:from_file torch.storage:_load_from_bytes torch:_load_global_deps
