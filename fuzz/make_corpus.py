@@ -263,7 +263,21 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "scan": legacy + safe[:2] + components,
         "sharded": list(_sharded_seeds(tmp)),
         "vm_budget": targets_vm_budget.SEEDS + [(n, d) for n, d in legacy if n.startswith("pickle")],
+        "names": list(_names_seeds()),
     }
+
+
+def _names_seeds() -> Iterator[tuple[str, bytes]]:
+    """Mode byte + ``module\nqualname`` (see ``targets_names``)."""
+    for i in range(8):
+        yield f"n_structured_{i}", bytes([0 if i % 2 else 3, 7 * i, i, i + 1, 2])
+    for name in ("torch:serialization.os.system", "posixpath:os.system", "__builtin__:eval", "commands:getoutput",
+                 "collections:OrderedDict", "builtins:range", "torch.nn.modules.linear:Linear", "numpy:ndarray"):
+        module, qualname = name.split(":")
+        yield f"n_free_{module}_{qualname}", b"\x01" + f"{module}\n{qualname}".encode()
+        yield f"n_stack_{module}_{qualname}", b"\x04" + f"{module}\n{qualname}".encode()
+    yield "n_resolve_ordered", b"\x02\x00\nOrderedDict"
+    yield "n_resolve_walk", b"\x02\x06\nserialization.os.system"
 
 
 def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int]:
@@ -289,7 +303,7 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--harness", action="append", choices=sorted(targets.TARGETS), help="only these (repeatable)")
+    parser.add_argument("--harness", action="append", choices=sorted([*targets.TARGETS, "names"]), help="only these (repeatable)")
     args = parser.parse_args(argv)
     for harness, count in write_corpus(args.outdir, args.harness).items():
         print(f"{harness}: {count} seeds in {args.outdir / harness}")

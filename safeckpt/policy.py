@@ -7,8 +7,15 @@ Three answers, decided from the name alone and never by importing it:
   entry below says why it is safe. The reader calls *its own* implementation,
   never the object the name would import.
 - **dangerous**: a module or callable that can run code, touch the file system,
-  the network or the interpreter. A file that names one *in any way* (called,
-  instantiated, or merely referenced) is refused. Nothing overrides this list.
+  the network or the interpreter when ``torch.load(weights_only=False)`` or
+  ``pickle.load`` resolves it, and nothing else (see ``DANGEROUS_MODULE_REASONS``,
+  ``DANGEROUS_GLOBALS``, ``DANGEROUS_PREFIXES``). It is dangerous however it is
+  spelled: every window of the dotted name ``module.qualname`` (a module reached
+  as an attribute: ``torch:serialization.os.system``), Python 2 names
+  (``commands``, ``cPickle``, ``__builtin__``), dunder attributes, and every builtin
+  outside ``HARMLESS_BUILTINS``. A file that names one *in any way* (called,
+  instantiated, or merely referenced) is refused. Nothing overrides this list:
+  ``allowed_globals`` entries naming one are ignored with a warning.
 - **unknown**: everything else (your model classes, optimizers, enums...). It
   becomes an inert ``GlobalRef``/``OpaqueObject`` and is never imported.
 """
@@ -17,7 +24,16 @@ from __future__ import annotations
 
 import _compat_pickle
 
-__all__ = ["ALLOWED", "DANGEROUS_GLOBALS", "DANGEROUS_MODULES", "DANGEROUS_PREFIXES", "canonical", "classify"]
+__all__ = [
+    "ALLOWED",
+    "DANGEROUS_GLOBALS",
+    "DANGEROUS_MODULES",
+    "DANGEROUS_MODULE_REASONS",
+    "DANGEROUS_PREFIXES",
+    "HARMLESS_BUILTINS",
+    "canonical",
+    "classify",
+]
 
 _STORAGE_TYPES = (
     "Double Float Half BFloat16 Long Int Short Char Byte Bool ComplexDouble ComplexFloat "
@@ -32,6 +48,10 @@ ALLOWED: dict[str, str] = {
     "builtins:complex": "builds a complex number from two numbers",
     "builtins:bytearray": "builds a bytearray from bytes or a latin-1 str",
     "builtins:slice": "builds a slice from ints or None",
+    "builtins:range": "builds a lazy range from ints (no allocation)",
+    "__builtin__:xrange": "Python 2 name of builtins.range",
+    "builtins:Ellipsis": "the Ellipsis constant",
+    "builtins:NotImplemented": "the NotImplemented constant",
     "builtins:object": "only as the base type argument of copyreg._reconstructor",
     "builtins:str": "only as the base type argument of copyreg._reconstructor",
     "builtins:int": "only as the base type argument of copyreg._reconstructor",
@@ -65,6 +85,8 @@ ALLOWED: dict[str, str] = {
     "numpy._core.multiarray:_reconstruct": "numpy 2 name of the same",
     "numpy.core.multiarray:scalar": "a numpy scalar from a dtype and its raw bytes",
     "numpy._core.multiarray:scalar": "numpy 2 name of the same",
+    "numpy.core.numeric:_frombuffer": "protocol 5 ndarray from in-band bytes, a checked dtype, shape and order",
+    "numpy._core.numeric:_frombuffer": "numpy 2 name of the same",
     "numpy:ndarray": "the ndarray type, as an argument of _reconstruct",
     "numpy:dtype": "a plain (non-object, non-structured) dtype from its code",
 }
@@ -78,25 +100,34 @@ for _dtype in (
 ).split():
     ALLOWED[f"torch:{_dtype}"] = "a torch.dtype constant"
 
-#: modules whose every name is refused, with their submodules.
-DANGEROUS_MODULES: frozenset[str] = frozenset(
-    """
-    os posix nt sys subprocess _posixsubprocess importlib imp pkgutil runpy zipimport site
-    pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve
-    code codeop pty pdb bdb timeit profile cProfile trace doctest inspect gc ctypes _ctypes cffi
-    socket _socket ssl select selectors asyncio multiprocessing concurrent threading _thread signal
-    shutil tempfile io _io fileinput webbrowser platform sysconfig resource fcntl mmap pwd grp termios
-    urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib nntplib xmlrpc socketserver
-    requests httpx aiohttp paramiko yaml jsonpickle
-    ast dis compileall py_compile tokenize linecache
-    setuptools distutils pip ensurepip venv idlelib tkinter turtle logging.config
-    torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor
-    torch.ops torch._ops torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing
-    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio
-    """.split()
-)
+#: why each group of modules is refused (every name in them, and their submodules).
+DANGEROUS_MODULE_REASONS: dict[str, str] = {
+    "os posix nt sys subprocess _posixsubprocess pty signal resource fcntl pwd grp termios platform sysconfig "
+    "_multiprocessing multiprocessing concurrent threading _thread asyncio _winapi msvcrt winreg _osx_support "
+    "mailcap": "processes, shells, signals and the interpreter's own state",
+    "importlib imp pkgutil runpy zipimport site": "imports or runs modules by name",
+    "code codeop pdb bdb timeit profile cProfile trace doctest inspect gc idlelib tkinter turtle pydoc pydoc_data "
+    "ast dis compileall py_compile tokenize linecache": "compiles, runs or debugs source text (pydoc.pipepager runs a shell)",
+    "pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve yaml jsonpickle": "deserialisers that run code",
+    "ctypes _ctypes cffi mmap": "native code and raw memory",
+    "socket _socket ssl select selectors urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib "
+    "nntplib xmlrpc socketserver requests httpx aiohttp paramiko webbrowser": "the network",
+    "shutil tempfile io _io fileinput posixpath ntpath genericpath pathlib glob zipfile tarfile gzip bz2 lzma dbm "
+    "sqlite3 logging.config": "the file system (posixpath and ntpath are os.path and re-export os)",
+    "setuptools distutils pip ensurepip venv": "build tools that spawn processes",
+    "torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor torch.ops torch._ops "
+    "torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing torch.utils.collect_env "
+    "torch.utils.data.datapipes torch._export torch.export torch.compiler": "torch loaders, compilers, hub "
+    "downloads, operator registries and collect_env.run (a shell command)",
+    "numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio": "numpy runstring, compilers, "
+    "native loading and pickle-enabled loaders",
+}
+DANGEROUS_MODULES: frozenset[str] = frozenset(n for names in DANGEROUS_MODULE_REASONS for n in names.split())
 
-#: single names refused in modules that are otherwise merely unknown.
+#: single names refused in modules that are otherwise merely unknown: loaders that unpickle
+#: (torch.load, numpy.load, read_array), file access (from_file, memmap, codecs.open), call
+#: composers (attrgetter, methodcaller, partial, reduce), code and function constructors
+#: (types.*), copyreg's extension registry, compilers (torch.compile) and DataLoader workers.
 DANGEROUS_GLOBALS: frozenset[str] = frozenset(
     """
     torch:load torch:save torch:from_file torch.storage:_load_from_bytes torch:_load_global_deps
@@ -104,6 +135,8 @@ DANGEROUS_GLOBALS: frozenset[str] = frozenset(
     operator:attrgetter operator:methodcaller functools:reduce functools:partialmethod
     copyreg:add_extension copyreg:remove_extension copyreg:_reduce_ex copyreg:__reduce_ex__
     types:FunctionType types:LambdaType types:CodeType types:MethodType types:ModuleType types:new_class
+    functools:partial numpy.lib.format:read_array numpy.lib.format:open_memmap torch.storage:_load_from_bytes
+    codecs:open torch:compile torch:_dynamo torch.utils.data:DataLoader
     """.split()
 )
 
@@ -145,32 +178,82 @@ def canonical(module: str, qualname: str) -> str:
     return f"{module}:{qualname}"
 
 
+#: builtins that are plain values or pure constructors: never "dangerous" (allowed above when
+#: safeckpt rebuilds them, else unknown). Every other builtin is dangerous.
+HARMLESS_BUILTINS: frozenset[str] = frozenset(
+    """
+    range xrange Ellipsis NotImplemented None True False bool bytes int long float complex str unicode
+    basestring tuple list dict set frozenset bytearray slice object
+    BaseException Exception ArithmeticError LookupError ValueError TypeError KeyError IndexError
+    RuntimeError NotImplementedError AttributeError OverflowError ZeroDivisionError StopIteration
+    Warning UserWarning DeprecationWarning FutureWarning RuntimeWarning
+    """.split()
+)
+
+
+def _module_names(module: str) -> list[str]:
+    """``module`` and what Python 3's unpickler imports for it (``cPickle`` -> ``pickle``)."""
+    names = [module]
+    head, dot, tail = module.partition(".")
+    mapped = _compat_pickle.IMPORT_MAPPING.get(module) or _compat_pickle.IMPORT_MAPPING.get(head)
+    if mapped:
+        names.append(mapped if module in _compat_pickle.IMPORT_MAPPING else f"{mapped}.{tail}")
+    return names
+
+
+def _split_listed(module: str, qualname: str) -> bool:
+    """One module/qualname split of a name, in every spelling, against the blocklist."""
+    spellings = [(m, qualname) for m in _module_names(module)]
+    mapped = _compat_pickle.NAME_MAPPING.get((module, qualname))
+    if mapped:
+        spellings.append(mapped)
+    for m, q in spellings:
+        name = f"{m}:{q}"
+        if _in_module(m, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS or name.startswith(DANGEROUS_PREFIXES):
+            return True
+        if m in _BUILTIN_MODULES and q and q not in HARMLESS_BUILTINS and name not in ALLOWED:
+            return True
+    return False
+
+
 def _listed(module: str, qualname: str) -> bool:
-    """On the blocklist: a dangerous module, global or prefix, or reached through a dunder
-    attribute or a dangerous module held as an attribute (``torch._utils:os.system``)."""
-    name = f"{module}:{qualname}"
-    parts = qualname.split(".")
-    return (
-        _in_module(module, DANGEROUS_MODULES)
-        or name in DANGEROUS_GLOBALS
-        or name.startswith(DANGEROUS_PREFIXES)
-        or any(p.startswith("__") and p.endswith("__") for p in parts)
-        or any(_in_module(".".join(parts[:i]), DANGEROUS_MODULES) for i in range(1, len(parts)))
-    )
+    """On the blocklist however it is spelled.
+
+    Python's unpickler imports ``module`` then walks ``qualname`` with getattr, so
+    ``torch:serialization.os.system`` is ``os.system`` reached through attributes. The
+    name is dangerous when any dunder part appears, or when ANY window of the dotted name
+    followed by the rest (where a module object may sit) names a dangerous module, global or prefix, in its
+    Python 3 or Python 2 spelling.
+    """
+    mod_parts = module.split(".")
+    q_parts = qualname.split(".")
+    if any(p.startswith("__") and p.endswith("__") for p in q_parts):
+        return True
+    full = mod_parts + q_parts
+    # every start: the unpickler imports ``module`` through sys.modules, where packages may
+    # register aliases ("os.path", "six.moves"), so a module part can hide a module too.
+    for i in range(len(full)):
+        # past the module, a window must be followed by an attribute: "Mode.trace" (an enum
+        # member named like a module) is a value, "Mode.trace.main" walks into a module.
+        for j in range(i + 1, len(full) + 1 if i == 0 else len(full)):
+            if _split_listed(".".join(full[i:j]), ".".join(full[j:])):
+                return True
+    return False
 
 
 def classify(module: str, qualname: str) -> str:
     """``"allowed"``, ``"dangerous"`` or ``"unknown"`` for a global, by name only.
 
-    Dangerous when any spelling of it is on the blocklist; otherwise decided on the
-    name Python 3 would import: allowed when on the allowlist, dangerous for any
-    other builtin, unknown for the rest.
+    Dangerous when any split or spelling of it is on the blocklist (see :func:`_listed`);
+    otherwise allowed when on the allowlist (as written or as Python 3 spells it),
+    dangerous for a builtin outside :data:`HARMLESS_BUILTINS`, unknown for the rest.
     """
     spellings = _spellings(module, qualname)
     if any(_listed(m, q) for m, q in spellings):
         return "dangerous"
     if any(f"{m}:{q}" in ALLOWED for m, q in spellings):
         return "allowed"
-    if spellings[-1][0] in _BUILTIN_MODULES:
+    m, q = spellings[-1]
+    if m in _BUILTIN_MODULES and q not in HARMLESS_BUILTINS:
         return "dangerous"
     return "unknown"

@@ -145,9 +145,10 @@ def _load_torch_path(path: Path, name: str, options: ReadOptions) -> Any:
         return torch.load(path, map_location=options.torch_device, weights_only=False)
     if options.verify:
         raise IntegrityError(f"{name} is a torch.save file: it records no digests to verify", file=name)
+    allow = AllowList(options.allowed_globals)  # first, so a refused allowed name is warned about even when the file is refused
     value = read_torch_file(path, device=options.torch_device, limits=options.limits, copy=options.copy).value
     try:
-        return resolve_allowed(value, AllowList(options.allowed_globals), max_depth=options.limits.max_depth)
+        return resolve_allowed(value, allow, max_depth=options.limits.max_depth)
     except Exception as exc:  # an allowed name that cannot be imported or rebuilt
         raise CheckpointFormatError(f"{name}: {type(exc).__name__}: {exc}", file=name) from exc
 

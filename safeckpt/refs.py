@@ -28,6 +28,8 @@ __all__ = ["AllowList", "GlobalRef", "OpaqueObject", "ref_of"]
 logger = logging.getLogger("safeckpt")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 MAX_NAME_LEN = 1024
+#: what a module-level name may resolve to; attributes of a class may be anything but a module.
+_NAMEABLE = (type, types.FunctionType, types.BuiltinFunctionType, enum.Enum)
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,30 @@ class GlobalRef:
     def resolve(self) -> Any:
         """Import the module and return the object. This runs the module's import-time code.
 
+        Only ``module`` is imported; ``qualname`` is walked with getattr and every step must
+        be a class, a function or a plain attribute of a class: a module reached as an
+        attribute (``torch:serialization.os.system``) is refused, so a name can never reach
+        further than it says.
+
         Raises:
             ImportError: if the module cannot be imported.
             AttributeError: if the qualname does not exist in it.
+            ValueError: if a step of the qualname is a module or not a class/function.
         """
         obj: Any = importlib.import_module(self.module)
-        for part in self.qualname.split("."):
+        parts = self.qualname.split(".")
+        for i, part in enumerate(parts):
+            if part.startswith("__") and part.endswith("__"):
+                raise ValueError(f"{self.name}: dunder attribute {part!r} is never followed")
+            owner = obj
             obj = getattr(obj, part)
+            if isinstance(obj, types.ModuleType):
+                raise ValueError(f"{self.name}: {part!r} is a module reached as an attribute; name it by its own module")
+            last = i == len(parts) - 1
+            if not last and not isinstance(obj, type):
+                raise ValueError(f"{self.name}: {part!r} is not a class, so the name cannot go through it")
+            if not isinstance(owner, type) and not isinstance(obj, _NAMEABLE):
+                raise ValueError(f"{self.name}: {part!r} is not a class, function or enum member")
         return obj
 
     def __str__(self) -> str:

@@ -93,6 +93,8 @@ class Rebuilder:
             self.values[f"torch:{name}Storage"] = StorageType(_STORAGE_DTYPES[name])
             self.values[f"torch.cuda:{name}Storage"] = StorageType(_STORAGE_DTYPES[name])
         self.values["torch.storage:UntypedStorage"] = self.values["torch:UntypedStorage"] = StorageType(None)
+        self.values["builtins:Ellipsis"] = Ellipsis
+        self.values["builtins:NotImplemented"] = NotImplemented
 
 
         for name in ALLOWED:
@@ -106,6 +108,8 @@ class Rebuilder:
             "builtins:complex": self.complex,
             "builtins:bytearray": self.bytearray,
             "builtins:slice": self.slice,
+            "builtins:range": self.range,
+            "__builtin__:xrange": self.range,
             "__builtin__:set": lambda items=(): set(items),
             "__builtin__:frozenset": lambda items=(): frozenset(items),
             "__builtin__:complex": self.complex,
@@ -127,9 +131,19 @@ class Rebuilder:
             "numpy.core.multiarray:scalar": self.numpy_scalar,
             "numpy._core.multiarray:scalar": self.numpy_scalar,
             "numpy:dtype": self.numpy_dtype,
+            "numpy.core.numeric:_frombuffer": self.frombuffer,
+            "numpy._core.numeric:_frombuffer": self.frombuffer,
         }
 
     # plain values ------------------------------------------------------------------------
+
+    @staticmethod
+    def range(*args: Any) -> range:
+        if not 1 <= len(args) <= 3 or any(type(a) is not int for a in args):
+            raise CheckpointFormatError("range of something other than 1 to 3 ints")
+        if len(args) == 3 and args[2] == 0:
+            raise CheckpointFormatError("range with a zero step")
+        return range(*args)
 
     @staticmethod
     def ordered_dict(items: Any = ()) -> OrderedDict[Any, Any]:
@@ -286,6 +300,16 @@ class Rebuilder:
         if type(raw) is not bytes:
             raise CheckpointFormatError("numpy array data is not bytes")
         return array_from_bytes(raw, dtype, _ints(shape, "numpy shape"), max_dims=self._limits.max_dims, fortran=fortran)
+
+    def frombuffer(self, raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        """numpy's protocol 5 reducer: ``frombuffer(raw, dtype).reshape(shape, order=order)``."""
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "biufcSUMm" or order not in ("C", "F"):
+            raise CheckpointFormatError("numpy _frombuffer of an unsupported dtype or order (object arrays are not read)")
+        if type(raw) is bytearray:
+            raw = bytes(raw)
+        if type(raw) is not bytes:
+            raise CheckpointFormatError("numpy _frombuffer data is not bytes (out-of-band buffers are not read)")
+        return array_from_bytes(raw, dtype, _ints(shape, "numpy shape"), max_dims=self._limits.max_dims, fortran=order == "F")
 
     @staticmethod
     def numpy_scalar(dtype: Any, raw: Any) -> Any:
