@@ -35,6 +35,8 @@ class Limits:
         max_dims: number of dimensions of one tensor.
         max_container_len: items in one list, tuple, set or dict of the skeleton.
         max_str_len: bytes in one string, bytes value, big integer or inline array.
+        max_inflated_bytes: bytes one compressed zip member may inflate to (checked on its
+            declared size and again while inflating).
     """
 
     max_header_bytes: int = 100 * MiB
@@ -45,6 +47,7 @@ class Limits:
     max_dims: int = 64
     max_container_len: int = 10_000_000
     max_str_len: int = 64 * MiB
+    max_inflated_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
