@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import io
 import pickletools
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from .. import policy
 from ..errors import CheckpointFormatError, LimitExceededError
@@ -592,7 +591,8 @@ class SymbolicUnpickler:
                     raise self._error(f"BUILD sets attribute {name!r:.50} on an OrderedDict")
                 setattr(target, name, value)
             return target
-        if isinstance(target, torch.Tensor):
+        torch = sys.modules.get("torch")  # no tensor exists unless torch was imported (scanning never imports it)
+        if torch is not None and isinstance(target, torch.Tensor):
             if state:
                 self._report.find("tensor-state", "suspicious", "BUILD state on a tensor was dropped", self._pos)
             return target
