@@ -13,7 +13,7 @@ offset 0, every PROTO opcode, every GLOBAL/INST opcode and the string opcodes
 shortly before every STACK_GLOBAL; each candidate is run by the no-execution VM
 (with its limits) from there. One that names a global before STOP or before it
 breaks (``pickle.loads`` has run that far by then) is reported with what it
-names, and what it holds is searched in turn, :data:`MAX_DEPTH` levels deep.
+names (past offset 0 only when that is dangerous: text can parse as a GLOBAL by chance), and what it holds is searched in turn, :data:`MAX_DEPTH` levels deep.
 The work is bounded: the bytes the candidates consume are charged to a
 :class:`Budget` proportional to the file; when it runs out the search stops with
 a "suspicious" finding, never a silent "safe".
@@ -153,8 +153,8 @@ def search_nested(value: Any, report: Report, limits: Limits, budget: Budget, de
             except CheckpointFormatError:
                 pass
             budget.spend(max(1, getattr(unpickler, "bytes_read", window.high - start)))
-            if not nested.uses:
-                continue
+            if not nested.uses or (start and not nested.dangerous):
+                continue  # no global; or text mid-value that parses by chance and names nothing dangerous
             covered = window.tell() if ok else covered
             for name, how in nested.uses.items():
                 report.uses.setdefault(name, set()).update(how)

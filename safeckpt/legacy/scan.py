@@ -303,6 +303,8 @@ def _scan_file(name: str, limits: Limits, *, scan_components: bool = True) -> Sc
         limit = next((e for e in errors if isinstance(e, LimitExceededError)), None)
         if limit is not None:
             raise limit
+        if errors and head.startswith(b"PK\x03\x04"):
+            raise errors[0]  # an archive torch cannot read either: say why
         raise CheckpointFormatError(
             f"{name} is not a checkpoint (neither safetensors, a torch.save file, a pickle nor a safeckpt manifest)",
             file=name,
