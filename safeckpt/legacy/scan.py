@@ -34,7 +34,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..refs import GlobalRef, OpaqueObject
 from .archive import open_archive
 from .nested import Budget, search_nested
-from .torchscript import code_module, is_torchscript, parse_code
+from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code
 from .vm import Finding, Report, SymbolicUnpickler
 
 __all__ = ["NOT_A_CHECKPOINT", "GlobalUse", "ScanReport", "scan"]
@@ -171,6 +171,7 @@ def _zip(s: _Scan) -> str:
         _pickle(s, io.BytesIO(archive.read(member, s.limits)), _persistent({}))
     if not script:
         return "torch-zip"
+    forgive_jit_helpers(s.report)
     code = {}
     for record in records:
         if code_module(record) is not None and (member := archive.find(record)) is not None:

@@ -34,7 +34,7 @@ from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
 from .archive import Archive, Member, open_archive
 from .rebuild import Rebuilder, StorageRef, StorageType
-from .torchscript import code_module, is_torchscript, parse_code, script_state_dict
+from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code, script_state_dict
 from .vm import Report, SymbolicUnpickler, check_depth
 
 __all__ = ["LegacyFile", "read_torch_file"]
@@ -221,6 +221,7 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
     value = reader.unpickler(io.BytesIO(data), persistent_load).load()
     if not script:
         return value, "torch-zip"
+    forgive_jit_helpers(reader.report)
     code = {}
     for record in records:
         if code_module(record) is not None:

@@ -33,7 +33,16 @@ from typing import Any
 from ..errors import CheckpointFormatError, LimitExceededError
 from ..refs import OpaqueObject
 
-__all__ = ["ScriptClass", "is_torchscript", "parse_code", "script_state_dict"]
+__all__ = ["PURE_JIT_HELPERS", "ScriptClass", "forgive_jit_helpers", "is_torchscript", "parse_code", "script_state_dict"]
+
+#: ``torch.jit._pickle`` functions TorchScript pickles name for typed lists: each returns its
+#: first argument unchanged (torch's C++ unpickler does not even import them). ``torch.jit`` is a
+#: dangerous module as a whole, so inside a TorchScript archive these exact names are forgiven.
+PURE_JIT_HELPERS = frozenset(
+    f"torch.jit._pickle:{n}"
+    for n in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_tensor_from_id",
+              "restore_type_tag")
+)
 
 _CLASS = re.compile(r"^class ([A-Za-z_][A-Za-z0-9_]*)\(([A-Za-z_][A-Za-z0-9_.]*)\):\s*$")
 _DECL = re.compile(r"^  (__parameters__|__buffers__) = (\[.*\])\s*$")
@@ -60,6 +69,16 @@ class ScriptClass:
     @property
     def is_module(self) -> bool:
         return self.base == "Module"
+
+
+def forgive_jit_helpers(report: Any) -> None:
+    """Drop :data:`PURE_JIT_HELPERS` from a TorchScript archive's report (a ``vm.Report``)."""
+    for name in PURE_JIT_HELPERS & set(report.uses):
+        del report.uses[name]
+    report.findings[:] = [
+        f for f in report.findings
+        if not (f.kind == "dangerous-global" and any(f.message.endswith(n) for n in PURE_JIT_HELPERS))
+    ]
 
 
 def is_torchscript(records: list[str]) -> bool:
