@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import targets_scan_archive
 
 import safeckpt
 from safeckpt.container import encode_state, parse_root, skeleton_file_bytes
@@ -261,6 +262,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "legacy": legacy,
         "scan": legacy + safe[:2] + components,
         "sharded": list(_sharded_seeds(tmp)),
+        "scan_archive": targets_scan_archive.seeds(tmp),
     }
 
 
@@ -287,7 +289,7 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--harness", action="append", choices=sorted(targets.TARGETS), help="only these (repeatable)")
+    parser.add_argument("--harness", action="append", choices=sorted([*targets.TARGETS, "scan_archive"]), help="only these (repeatable)")
     args = parser.parse_args(argv)
     for harness, count in write_corpus(args.outdir, args.harness).items():
         print(f"{harness}: {count} seeds in {args.outdir / harness}")
