@@ -342,3 +342,19 @@ def test_scan_never_imports_torch(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["['safe',", "'dangerous',", "'safe',", "'safe']", "False"]
     assert not sentinel.exists()
+
+
+def test_zip64_entries_read_like_plain_ones(tmp_path: Path) -> None:
+    """Sizes and offsets in zip64 extra fields are honoured (torch writes them for large members)."""
+    import zipfile
+
+    path = tmp_path / "zip64.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, body in torch_entries(BENIGN):
+            with z.open(name.decode(), "w", force_zip64=True) as f:
+                f.write(body)
+    archive = open_archive(path, safeckpt.Limits())
+    assert not archive.ambiguous
+    member = archive.find("data.pkl")
+    assert member is not None and archive.read(member, safeckpt.Limits()) == BENIGN
+    assert safeckpt.scan(path).verdict == "safe"
