@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
 import targets_vm_budget
+import targets_scan_archive
 
 import safeckpt
 from safeckpt.container import encode_state, parse_root, skeleton_file_bytes
@@ -264,6 +265,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "sharded": list(_sharded_seeds(tmp)),
         "vm_budget": targets_vm_budget.SEEDS + [(n, d) for n, d in legacy if n.startswith("pickle")],
         "names": list(_names_seeds()),
+        "scan_archive": targets_scan_archive.seeds(tmp),
     }
 
 
@@ -300,10 +302,14 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
     return counts
 
 
+# Harnesses whose targets live in their own ``targets_<name>.py`` rather than ``targets.TARGETS``.
+OWN_TARGET_HARNESSES = {*targets.TARGETS, "vm_budget", "names", "scan_archive", "views", "values", "integrations"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--harness", action="append", choices=sorted([*targets.TARGETS, "names"]), help="only these (repeatable)")
+    parser.add_argument("--harness", action="append", choices=sorted(OWN_TARGET_HARNESSES), help="only these (repeatable)")
     args = parser.parse_args(argv)
     for harness, count in write_corpus(args.outdir, args.harness).items():
         print(f"{harness}: {count} seeds in {args.outdir / harness}")

@@ -48,6 +48,8 @@ class Limits:
         max_pickle_work_per_byte: units of work each byte of a legacy pickle adds to
             ``max_pickle_work``. Real checkpoints use under 4; a flood of 1-byte
             containers would use 27.
+        max_inflated_bytes: bytes one compressed zip member may inflate to (checked on its
+            declared size and again while inflating).
     """
 
     max_header_bytes: int = 100 * MiB
@@ -63,6 +65,7 @@ class Limits:
     max_pickle_memo: int = 10_000_000
     max_pickle_work: int = 4 * MiB
     max_pickle_work_per_byte: int = 16
+    max_inflated_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

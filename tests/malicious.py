@@ -713,13 +713,6 @@ def legacy_main_pickle_malicious(d: Path, s: Path) -> Path:
     return path
 
 
-def torchscript_archive(d: Path, s: Path) -> Path:
-    """A TorchScript archive: ``torch.load(weights_only=False)`` hands it to ``torch.jit.load``."""
-    path = d / "scripted.pt"
-    _script(path)
-    return path
-
-
 def realistic_state_deep_payload(d: Path, s: Path) -> Path:
     """A real NNHandler training state (tests/fixtures.py) with ``state["model_kwargs"]["x"] = Evil()``."""
     from fixtures import make_training_state
@@ -795,7 +788,6 @@ CORPUS: list[tuple[str, Callable[[Path, Path], Path]]] = [
         legacy_magic_number_pickle_replaced,
         legacy_sys_info_pickle_replaced,
         legacy_main_pickle_malicious,
-        torchscript_archive,
         realistic_state_deep_payload,
     )
 ]
@@ -867,7 +859,7 @@ EXPECTED_GLOBALS: dict[str, tuple[str | tuple[str, ...], ...]] = {
 
 #: Entries that only name something (no call): nothing would run, but the file is still refused.
 REFERENCE_ONLY = frozenset({"nt_system_referenced_only", "shutil_rmtree_referenced_only",
-                            "torch_zip_persistent_id_storage_type_os_system", "torchscript_archive"})
+                            "torch_zip_persistent_id_storage_type_os_system"})
 
 #: Entries whose payload really creates the sentinel under ``torch.load(weights_only=False)`` in a
 #: child process with ``BROWSER=touch`` and ``registered_extensions()``: every entry not in REFERENCE_ONLY.

@@ -111,7 +111,7 @@ def _check_refusal(name: str, exc: safeckpt.UnsafeCheckpointError) -> None:
 def test_corpus_is_large_and_every_entry_has_expectations() -> None:
     assert len(CORPUS) >= 30
     assert len(set(NAMES)) == len(NAMES)
-    assert set(EXPECTED_GLOBALS) | {"torchscript_archive", *(n for n in NAMES if n.startswith("ext"))} == set(NAMES)
+    assert set(EXPECTED_GLOBALS) | {n for n in NAMES if n.startswith("ext")} == set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,8 +9,9 @@
 - a bare pickle (no storages).
 
 Every pickle in them, including the magic number and sys info, goes through
-:class:`~safeckpt.legacy.vm.SymbolicUnpickler`. TorchScript archives hold code
-and are refused.
+:class:`~safeckpt.legacy.vm.SymbolicUnpickler`. Archives are read by
+:mod:`.archive` (as torch reads them; ambiguous ones are refused). A TorchScript
+archive gives its state dict (:mod:`.torchscript`); its code is never run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import io
 import os
 import pickletools
 import struct
-import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -31,8 +32,10 @@ from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..storage import open_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
+from .archive import Archive, Member, open_archive
 from .rebuild import Rebuilder, StorageRef, StorageType
 from .source import PickleSource
+from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code, script_state_dict
 from .vm import Report, SymbolicUnpickler, check_depth
 
 __all__ = ["LegacyFile", "read_torch_file"]
@@ -156,78 +159,82 @@ def _element_size(kind: StorageType) -> int:
 # --------------------------------------------------------------------------- zip archives
 
 
-def _member_offset(f: BinaryIO, info: zipfile.ZipInfo, size: int) -> int:
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointFormatError(f"bad local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    check_in_file(start + info.file_size, size, lambda: f"archive member {info.filename!r:.200}")
-    return start
+def _refuse_ambiguous(reader: _Reader, archive: Archive) -> None:
+    """An archive that two zip readers read differently is refused (see :mod:`.archive`)."""
+    if not archive.ambiguous:
+        return
+    detail = "; ".join(archive.problems[:5])
+    reader.report.find("ambiguous-archive", "dangerous", f"zip readers disagree on this archive: {detail}")
+    raise UnsafeCheckpointError(
+        f"{reader.path}: zip readers would read different members of this archive ({detail}); refused. "
+        "Re-save it with torch.save from a trusted copy",
+        globals=(),
+        file=reader.path,
+    )
 
 
-def _read_zip(reader: _Reader) -> Any:
+def _read_zip(reader: _Reader) -> tuple[Any, str]:
     path, limits = reader.path, reader.limits
-    size = os.path.getsize(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise CheckpointFormatError(f"{path}: not a readable zip archive: {exc}", file=path) from exc
-    with archive, open(path, "rb") as raw:
-        infos = archive.infolist()
-        limits.check("max_tensors", len(infos), what="the number of archive members", file=path)
-        names = {info.filename: info for info in infos}
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            reader.report.find("torchscript", "dangerous", "a TorchScript archive: it contains code that torch.jit.load runs")
-            raise UnsafeCheckpointError(
-                f"{path} is a TorchScript archive: it holds code, which safeckpt never runs; refused",
-                globals=(),
-                file=path,
-            )
-        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
-        if len(pickles) != 1:
-            raise CheckpointFormatError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}", file=path)
-        prefix = pickles[0][: -len("data.pkl")]
-        order_info = names.get(prefix + "byteorder")
-        if order_info is not None and order_info.file_size > 16:
-            raise CheckpointFormatError(f"{path}: byteorder member is {order_info.file_size} bytes", file=path)
-        order = archive.read(order_info).decode("ascii", "replace") if order_info is not None else "little"
-        if order not in ("little", "big"):
-            raise CheckpointFormatError(f"{path}: unknown byteorder {order!r:.20}", file=path)
-        info = names[pickles[0]]
-        limits.check("max_skeleton_bytes", info.file_size, what="the size of data.pkl", file=path)
-        data = archive.read(info)
-        storages: dict[str, StorageRef] = {}
+    archive = open_archive(path, limits)
+    _refuse_ambiguous(reader, archive)
+    records = archive.records()
+    script = is_torchscript(records)
+    info = archive.find("data.pkl")
+    if info is None:
+        raise CheckpointFormatError(f"{path}: the archive has no {archive.prefix}data.pkl", file=path)
+    order_info = archive.find("byteorder")
+    if order_info is not None and order_info.size > 16:
+        raise CheckpointFormatError(f"{path}: byteorder member is {order_info.size} bytes", file=path)
+    order = archive.read(order_info, limits).decode("ascii", "replace") if order_info is not None else "little"
+    if order not in ("little", "big"):
+        raise CheckpointFormatError(f"{path}: unknown byteorder {order!r:.20}", file=path)
+    limits.check("max_skeleton_bytes", info.size, what="the size of data.pkl", file=path)
+    data = archive.read(info, limits)
+    storages: dict[str, StorageRef] = {}
 
-        def member_bytes(member: zipfile.ZipInfo, itemsize: int) -> torch.Tensor:
-            if member.file_size == 0:
-                return torch.empty(0, dtype=torch.uint8)
-            if member.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses storages
-                raise CheckpointFormatError(f"{path}: storage member {member.filename} is compressed", file=path)
-            tensor = reader.file_bytes(_member_offset(raw, member, size), member.file_size)
-            if order == "big" and itemsize > 1:
-                swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
-                tensor = torch.from_numpy(swapped)
-            return tensor
+    def member_bytes(member: Member, itemsize: int) -> torch.Tensor:
+        if member.size == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if member.method != 0:  # torch.save never compresses storages
+            raise CheckpointFormatError(f"{path}: storage member {member.name} is compressed", file=path)
+        tensor = reader.file_bytes(member.data_offset, member.size)
+        if order == "big" and itemsize > 1:
+            swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
+            tensor = torch.from_numpy(swapped)
+        return tensor
 
-        def persistent_load(pid: Any) -> StorageRef:
-            kind, key, location, numel, _ = reader.storage_pid(pid)
-            if key in storages:
-                return storages[key]
-            member = names.get(f"{prefix}data/{key}")
-            if member is None:
-                raise CheckpointFormatError(f"{path}: storage {key!r:.50} is missing from the archive", file=path)
-            nbytes = numel * _element_size(kind)
-            if member.file_size != nbytes:
-                raise CheckpointFormatError(
-                    f"{path}: storage {key!r:.50} holds {member.file_size} bytes, its reference says {nbytes}", file=path
-                )
-            load = reader.meta_or(nbytes, lambda: member_bytes(member, _element_size(kind)))
-            storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+    def persistent_load(pid: Any) -> StorageRef:
+        kind, key, location, numel, _ = reader.storage_pid(pid)
+        if key in storages:
             return storages[key]
+        member = archive.find(f"data/{key}")
+        if member is None:
+            raise CheckpointFormatError(f"{path}: storage {key!r:.50} is missing from the archive", file=path)
+        nbytes = numel * _element_size(kind)
+        if member.size != nbytes:
+            raise CheckpointFormatError(
+                f"{path}: storage {key!r:.50} holds {member.size} bytes, its reference says {nbytes}", file=path
+            )
+        load = reader.meta_or(nbytes, lambda: member_bytes(member, _element_size(kind)))
+        storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+        return storages[key]
 
-        return reader.unpickler(io.BytesIO(data), persistent_load).load()
+    value = reader.unpickler(io.BytesIO(data), persistent_load).load()
+    if not script:
+        return value, "torch-zip"
+    forgive_jit_helpers(reader.report)
+    code = {}
+    for record in records:
+        if code_module(record) is not None:
+            member = archive.find(record)
+            assert member is not None
+            code[record] = archive.read(member, limits).decode("utf-8", "replace")
+    classes = parse_code(code, path)
+    tensors = script_state_dict(
+        value, classes, lambda v: isinstance(v, torch.Tensor), max_depth=limits.max_depth, max_entries=limits.max_tensors,
+        path=path,
+    )
+    return OrderedDict((k, v.detach() if v.requires_grad else v) for k, v in tensors.items()), "torchscript"
 
 
 # --------------------------------------------------------------------------- pre-1.6 stream and bare pickles
@@ -374,7 +381,7 @@ def read_torch_file(
         )
     try:
         if kind is Kind.TORCH_ZIP:
-            value, fmt = _read_zip(reader), "torch-zip"
+            value, fmt = _read_zip(reader)
         else:
             value, fmt = _read_stream(reader)
     except SafeCkptError as exc:

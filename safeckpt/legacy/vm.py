@@ -31,12 +31,11 @@ from __future__ import annotations
 import codecs
 import gc
 import pickletools
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from .. import policy
 from ..errors import CheckpointFormatError, LimitExceededError
@@ -873,7 +872,8 @@ class SymbolicUnpickler(PickleSource):
                     raise self._error(f"BUILD sets attribute {_short(name)} on an OrderedDict")
                 setattr(target, name, value)
             return target
-        if isinstance(target, torch.Tensor):
+        torch = sys.modules.get("torch")  # no tensor exists unless torch was imported (scanning never imports it)
+        if torch is not None and isinstance(target, torch.Tensor):
             if state:
                 self._report.find("tensor-state", "suspicious", "BUILD state on a tensor was dropped", self._pos)
             return target
