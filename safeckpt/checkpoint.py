@@ -33,7 +33,7 @@ from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityErro
 from .io import map_file
 from .limits import DEFAULT_LIMITS, Limits
 from .refs import AllowList
-from .tensors import dtype_name
+from .tensors import ViewScope, dtype_name, entry_tensor
 
 __all__ = ["Checkpoint", "ComponentInfo"]
 
@@ -273,9 +273,7 @@ class Checkpoint:
         raw = self._mapping[start : start + info.nbytes]
         if self._verify and name in self._digests:
             self._check_digest(name, raw, self._digests[name])
-        if not info.nbytes:
-            return torch.empty(info.shape, dtype=info.dtype, device=device)
-        tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+        tensor = entry_tensor(raw, info.dtype, info.shape, limits=self._limits, where=f"{self.path}: tensor {name!r:.200}")
         if device.type != "cpu":
             return tensor.to(device)
         return tensor.clone() if self._copy else tensor
@@ -324,7 +322,12 @@ class Checkpoint:
     def _decoder(self) -> Decoder:
         cpu = torch.device("cpu")
         return Decoder(
-            self.get_tensor, self._allow, self._limits, file=str(self.path), array_source=lambda name: self._read(name, cpu)
+            self.get_tensor,
+            self._allow,
+            self._limits,
+            file=str(self.path),
+            array_source=lambda name: self._read(name, cpu),
+            views=ViewScope(self._limits, self._header.file_size, str(self.path)),
         )
 
     def _check_digest(self, name: str, data: Any, expected: str) -> None:

@@ -16,7 +16,6 @@ import datetime
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -34,7 +33,7 @@ from .codec import Encoder, pack
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
-from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
+from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan, check_dims
 
 __all__ = [
     "FORMAT_VERSION",
@@ -306,11 +305,7 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
         raise _bad(path, f"tensor {name!r:.200} has unknown dtype {spec['dtype']!r:.50}")
     if type(shape) is not list:
         raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
-    for v in shape:
-        if type(v) is not int or v < 0:
-            raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
-    if len(shape) > limits.max_dims:
-        limits.check("max_dims", len(shape), what=f"the rank of tensor {name!r:.200}", file=path)
+    numel = check_dims(shape, what=f"tensor {name!r:.200}", limits=limits, file=path)
     if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets")
     begin, end = offsets
@@ -319,8 +314,8 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
     check_in_file(
         end, data_size, lambda: f"{path}: tensor {name!r:.200} at data bytes [{begin}, {end}), outside the data section,", file=path
     )
-    if math.prod(shape) * dtype.itemsize != end - begin:
-        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")
+    if numel * dtype.itemsize != end - begin:
+        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {numel * dtype.itemsize} bytes, has {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 

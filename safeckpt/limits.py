@@ -35,6 +35,10 @@ class Limits:
         max_dims: number of dimensions of one tensor.
         max_container_len: items in one list, tuple, set or dict of the skeleton.
         max_str_len: bytes in one string, bytes value, big integer or inline array.
+        max_expansion: how many times the file's size the tensor views of one load may hold in
+            all (each view's elements times its item size, counted before it is made): a
+            stride-0 view of a few bytes cannot claim gigabytes that a copy, a ``convert`` or
+            a ``diff`` would then materialise.
     """
 
     max_header_bytes: int = 100 * MiB
@@ -45,6 +49,7 @@ class Limits:
     max_dims: int = 64
     max_container_len: int = 10_000_000
     max_str_len: int = 64 * MiB
+    max_expansion: int = 16
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
