@@ -27,6 +27,7 @@ from .container import (
     read_header,
     read_skeleton_file,
     skeleton_bytes,
+    verified_digests,
 )
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
@@ -126,10 +127,8 @@ class Checkpoint:
         self._header = read_header(self.path, limits)
         if self._header.is_safeckpt:
             raw = skeleton_bytes(self._header, limits)
-            recorded = self._header.digests()
-            if verify and recorded is not None:
-                self._check_digest("<skeleton>", raw, recorded[0])
-                self._digests = recorded[1]
+            if verify:
+                self._digests = verified_digests(self._header, raw)
             self._root = parse_root(raw, limits, str(self.path))
         elif verify:
             raise IntegrityError(
@@ -263,7 +262,7 @@ class Checkpoint:
         self._handed_out.add(name)
         if device.type == "cuda":  # safetensors copies straight from the file to the GPU
             tensor = self._open().get_tensor(name)
-            if self._verify and name in self._digests:
+            if self._verify and self._root is not None:
                 self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
             return tensor
         info = self._header.entries[name]
@@ -271,7 +270,7 @@ class Checkpoint:
             self._mapping = map_file(self.path)
         start = self._header.data_start + info.begin
         raw = self._mapping[start : start + info.nbytes]
-        if self._verify and name in self._digests:
+        if self._verify and self._root is not None:  # every entry has a digest (verified_digests)
             self._check_digest(name, raw, self._digests[name])
         tensor = entry_tensor(raw, info.dtype, info.shape, limits=self._limits, where=f"{self.path}: tensor {name!r:.200}")
         if device.type != "cpu":

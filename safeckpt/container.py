@@ -30,10 +30,10 @@ import torch
 
 from . import __version__
 from .codec import Encoder, pack
-from .errors import CheckpointFormatError, UnsupportedValueError
+from .errors import CheckpointFormatError, IntegrityError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
-from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan, check_dims
+from .tensors import DTYPES_FROM_SAFETENSORS, SAFETENSORS_DTYPES, Entry, NameAllocator, TensorPlan, check_dims
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,6 +48,7 @@ __all__ = [
     "read_skeleton_file",
     "single_header",
     "skeleton_file_bytes",
+    "verified_digests",
     "write_single",
 ]
 
@@ -56,6 +57,7 @@ META_FORMAT = "format"  # "pt", as Hugging Face loaders expect
 META_VERSION = "safeckpt.format_version"
 META_SKELETON = "safeckpt.skeleton"
 META_DIGESTS = "safeckpt.digests"
+META_HEADER_DIGEST = "safeckpt.header_digest"
 META_LIBRARY = "safeckpt.library_version"
 META_TORCH = "safeckpt.torch_version"
 META_CREATED = "safeckpt.created"
@@ -135,13 +137,28 @@ def _placeholder_digests(count: int) -> str:
     return DIGEST_PREFIX + "0" * 64 * (count + 1)
 
 
-def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
+def _table(entries: list[Entry]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.code, "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
+        table[entry.name] = {"dtype": entry.code, "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    return table
+
+
+def _header_digest(metadata: Mapping[str, str], table: Mapping[str, Any]) -> str:
+    """SHA-256 of what the header declares: every ``__metadata__`` key and value but the header
+    digest itself, and every entry's name, dtype, shape and offsets, as canonical JSON (keys
+    sorted, no spaces, ASCII). Padding and key order are layout, not meaning, and are not covered."""
+    declared = {"__metadata__": {k: v for k, v in metadata.items() if k != META_HEADER_DIGEST}, **table}
+    canonical = json.dumps(declared, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _header_bytes(entries: list[Entry], metadata: dict[str, str], *, placeholder: bool) -> bytes:
+    table = _table(entries)
+    metadata[META_HEADER_DIGEST] = DIGEST_PREFIX + ("0" * 64 if placeholder else _header_digest(metadata, table))
+    raw = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode("ascii")
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
@@ -160,7 +177,7 @@ def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
         if digests is None
         else DIGEST_PREFIX + hashlib.sha256(skeleton).hexdigest() + "".join(digests),
     }
-    header = _header_bytes(encoded.entries, metadata)
+    header = _header_bytes(encoded.entries, metadata, placeholder=digests is None)
     return struct.pack("<Q", len(header)) + header
 
 
@@ -227,6 +244,58 @@ class Header:
             raise CheckpointFormatError(f"malformed {META_DIGESTS} in the header", file=self.path)
         parts = [body[i : i + 64] for i in range(0, len(body), 64)]
         return parts[0], dict(zip(self.entries, parts[1:]))
+
+
+def verified_digests(header: Header, skeleton: bytes) -> dict[str, str]:
+    """Check what a safeckpt file's header declares, for ``verify=True``; return ``{entry: digest}``.
+
+    The one place where digests are required and checked before anything is decoded: both
+    digest keys must be there and well-formed, ``skeleton`` (the decoded skeleton bytes) must
+    match its digest, and the header digest must match the header as parsed (every metadata
+    key and value, every entry's name, dtype, shape and offsets). The entries' digests, which
+    the header digest covers, are checked against their bytes as each entry is read.
+
+    Raises:
+        IntegrityError: a digest that is missing, unreadable or does not match; ``tensor_name``
+            is ``"<header>"`` or ``"<skeleton>"``.
+    """
+    recorded = header.metadata.get(META_HEADER_DIGEST)
+    try:
+        digests = header.digests()
+    except CheckpointFormatError:
+        digests = None
+    if recorded is None or digests is None or not _DIGEST.match(recorded) or not _DIGEST.match(
+        header.metadata[META_DIGESTS][: len(DIGEST_PREFIX) + 64]
+    ):
+        raise IntegrityError(
+            f"{header.path}: the header has no readable {META_HEADER_DIGEST} and {META_DIGESTS} to verify "
+            "(the file was modified, or written by an earlier safeckpt that did not digest its header); "
+            "load it with verify=False only if you trust it",
+            tensor_name="<header>",
+            file=header.path,
+        )
+    _expect_digest(header.path, "<skeleton>", digests[0], hashlib.sha256(skeleton).hexdigest())
+    table = {
+        info.name: {"dtype": SAFETENSORS_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+        for info in header.entries.values()
+    }
+    _expect_digest(header.path, "<header>", recorded[len(DIGEST_PREFIX) :], _header_digest(header.metadata, table))
+    return digests[1]
+
+
+def _expect_digest(path: str, name: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        what = "the skeleton" if name == "<skeleton>" else "the header (metadata or tensor table)"
+        raise IntegrityError(
+            f"{path}: {what} does not match its recorded SHA-256 digest (the file is corrupt or was modified)",
+            tensor_name=name,
+            expected=expected,
+            actual=actual,
+            file=path,
+        )
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 
 def _bad(path: str, message: str, offset: int | None = None) -> CheckpointFormatError:

@@ -48,6 +48,7 @@ from .container import (
     single_header,
     skeleton_bytes,
     skeleton_file_bytes,
+    verified_digests,
     write_single,
 )
 from .detect import Kind, detect_bytes
@@ -483,10 +484,8 @@ class RemoteCheckpoint(Checkpoint):
         self._header = parse_header(url, head[8 : 8 + length], size, limits)
         if self._header.is_safeckpt:
             raw_skeleton = skeleton_bytes(self._header, limits)
-            recorded = self._header.digests()
-            if verify and recorded is not None:
-                self._check_digest("<skeleton>", raw_skeleton, recorded[0])
-                self._digests = recorded[1]
+            if verify:
+                self._digests = verified_digests(self._header, raw_skeleton)
             self._root = parse_root(raw_skeleton, limits, url)
         elif verify:
             raise IntegrityError(f"{url} is a plain safetensors file: it records no digests to verify", file=url)
@@ -515,7 +514,7 @@ class RemoteCheckpoint(Checkpoint):
         out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes:
             out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(raw, dtype=np.uint8)
-        if self._verify and name in self._digests:
+        if self._verify and self._root is not None:  # every entry has a digest (verified_digests)
             self._check_digest(name, raw, self._digests[name])
         return out if self.device.type == "cpu" else out.to(self.device)
 
