@@ -22,6 +22,7 @@ before it exists.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -298,6 +299,12 @@ class TensorPlan:
 
 INDEX_BOUND = 1 << 63  # torch sizes, strides and offsets are int64
 
+#: dtypes a view may not name: quantized ones (torch cannot make them over plain bytes) and
+#: the sub-byte int1..int7/uint1..uint7 (torch cannot copy their elements).
+_NO_VIEWS = frozenset(
+    dtype for name, dtype in DTYPES_BY_NAME.items() if name.startswith("q") or re.fullmatch(r"u?int[1-7]", name)
+)
+
 
 def check_dims(dims: Any, *, what: str, limits: Limits, file: str | None = None) -> int:
     """Validate a declared shape; return its element count.
@@ -445,6 +452,10 @@ def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewSco
     dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise CheckpointFormatError(f"unknown dtype {name!r:.100} in the view of {where}", file=scope.file)
+    if dtype in _NO_VIEWS:
+        raise CheckpointFormatError(
+            f"the view of {where} has dtype {name}, whose tensors torch cannot make or copy from bytes", file=scope.file
+        )
     numel = check_dims(shape, what=f"the view of {where}", limits=limits, file=scope.file)
     if not (
         type(stride) in (list, tuple)

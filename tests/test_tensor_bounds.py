@@ -367,3 +367,34 @@ def test_legacy_zip_member_shifted_by_its_extra_field_does_not_crash(tmp_path: P
     assert _shift_zip_storages(tmp_path / "c.pt", tmp_path / "shifted.pt", 1) % 2 == 1
     done = _child(_CRASH_CHILD, str(tmp_path / "shifted.pt"))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# --------------------------------------------------------------------------- the views fuzz target
+
+
+def _views_target() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
+    try:
+        import targets_views
+    finally:
+        sys.path.pop(0)
+    return targets_views
+
+
+def test_every_views_fuzz_seed_passes_its_oracle() -> None:
+    target = _views_target()
+    seeds = list(target.seeds())
+    assert len(seeds) > 50
+    for name, data in seeds:
+        target.views(data)  # a SafeCkptError is caught inside; anything else (oracle included) fails
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_views_fuzz_oracle_catches_a_view_read_from_elsewhere(mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = _views_target()
+    spec = target.encode_spec(mode, "float32", [4], [1], 0, 0, bytes(range(32)))
+    target.views(spec)
+    shifted = target.encode_spec(mode, "float32", [4], [1], 1, 0, bytes(range(32)))
+    monkeypatch.setattr(target, "_expected", lambda base, name, shape, stride, offset: torch.zeros(4))
+    with pytest.raises(AssertionError, match="other bytes"):
+        target.views(shifted)
