@@ -272,7 +272,7 @@ class Checkpoint:
         raw = self._mapping[start : start + info.nbytes]
         if self._verify and self._root is not None:  # every entry has a digest (verified_digests)
             self._check_digest(name, raw, self._digests[name])
-        tensor = entry_tensor(raw, info.dtype, info.shape, limits=self._limits, where=f"{self.path}: tensor {name!r:.200}")
+        tensor = entry_tensor(raw, info.dtype, info.shape, limits=self._limits, where=name, file=self._header.path)
         if device.type != "cpu":
             return tensor.to(device)
         return tensor.clone() if self._copy else tensor

@@ -146,19 +146,25 @@ def _table(entries: list[Entry]) -> dict[str, Any]:
     return table
 
 
-def _header_digest(metadata: Mapping[str, str], table: Mapping[str, Any]) -> str:
-    """SHA-256 of what the header declares: every ``__metadata__`` key and value but the header
-    digest itself, and every entry's name, dtype, shape and offsets, as canonical JSON (keys
-    sorted, no spaces, ASCII). Padding and key order are layout, not meaning, and are not covered."""
-    declared = {"__metadata__": {k: v for k, v in metadata.items() if k != META_HEADER_DIGEST}, **table}
-    canonical = json.dumps(declared, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+def _header_digest(metadata: Mapping[str, str], table_json: bytes) -> str:
+    """SHA-256 of what the header declares (FORMAT.md 1.3): every ``__metadata__`` key and value but
+    the header digest itself as canonical JSON (keys sorted), a newline, then the tensor table
+    ``{name: {"dtype", "shape", "data_offsets"}}`` in data order as compact JSON. Padding and
+    key order are layout, not meaning, and are not covered."""
+    declared = {k: v for k, v in metadata.items() if k != META_HEADER_DIGEST}
+    canonical = json.dumps(declared, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return hashlib.sha256(canonical + b"\n" + table_json).hexdigest()
+
+
+def _table_json(table: Mapping[str, Any]) -> bytes:
+    return json.dumps(table, separators=(",", ":")).encode("ascii")
 
 
 def _header_bytes(entries: list[Entry], metadata: dict[str, str], *, placeholder: bool) -> bytes:
-    table = _table(entries)
+    table = _table_json(_table(entries))
     metadata[META_HEADER_DIGEST] = DIGEST_PREFIX + ("0" * 64 if placeholder else _header_digest(metadata, table))
-    raw = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode("ascii")
+    raw = b'{"__metadata__":' + json.dumps(metadata, separators=(",", ":")).encode("ascii")
+    raw += b"," + table[1:] if len(table) > 2 else b"}"
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
@@ -275,11 +281,12 @@ def verified_digests(header: Header, skeleton: bytes) -> dict[str, str]:
             file=header.path,
         )
     _expect_digest(header.path, "<skeleton>", digests[0], hashlib.sha256(skeleton).hexdigest())
-    table = {
+    table = {  # header.entries is in data order
         info.name: {"dtype": SAFETENSORS_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
         for info in header.entries.values()
     }
-    _expect_digest(header.path, "<header>", recorded[len(DIGEST_PREFIX) :], _header_digest(header.metadata, table))
+    actual = _header_digest(header.metadata, _table_json(table))
+    _expect_digest(header.path, "<header>", recorded[len(DIGEST_PREFIX) :], actual)
     return digests[1]
 
 

@@ -22,6 +22,7 @@ before it exists.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +173,12 @@ def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share bytes (it spans fewer bytes than it has elements)."""
+    start, end = _byte_extent(t)
+    return end - start < t.numel() * t.element_size()
+
+
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
 
@@ -227,8 +234,7 @@ class TensorPlan:
 
     def _lay_out(self, members: list[_Member]) -> list[Entry]:
         first = members[0]
-        start, end = _byte_extent(first.tensor)
-        if end - start < first.tensor.numel() * first.tensor.element_size():
+        if not first.tensor.is_contiguous() and _overlaps(first.tensor):
             # its elements overlap (a stride-0 expand): store the bytes it spans and views, never a copy
             return self._lay_out_overlapping(members)
         if len(members) == 1:
@@ -416,17 +422,27 @@ def _fresh_copy(flat: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def entry_tensor(raw: Any, dtype: torch.dtype, shape: tuple[int, ...], *, limits: Limits, where: str) -> torch.Tensor:
+def entry_tensor(
+    raw: Any, dtype: torch.dtype, shape: tuple[int, ...], *, limits: Limits, where: str, file: str | None = None
+) -> torch.Tensor:
     """A whole stored entry: the flat bytes ``raw`` (a ``uint8`` numpy array or tensor, e.g. a slice of
     a file mapping) as a contiguous tensor of ``dtype`` and ``shape``, zero-copy when aligned.
 
     Raises:
         CheckpointFormatError: a shape no tensor can have, or bytes that do not match it.
     """
-    numel = check_dims(shape, what=where, limits=limits)
+    itemsize = dtype.itemsize
     flat = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+    # The common case, zero-copy: positive dims whose product is the bytes there are (so each
+    # is in range), aligned in memory. Anything else takes the full checks below.
+    if shape and min(shape) > 0 and len(shape) <= limits.max_dims and flat.numel() == math.prod(shape) * itemsize:
+        if not flat.storage_offset() and flat.data_ptr() % itemsize == 0 and flat.dtype == torch.uint8 and flat.dim() == 1:
+            return flat.view(dtype).reshape(shape)
+    numel = check_dims(shape, what=where, limits=limits, file=file)
     if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != numel * dtype.itemsize:
-        raise CheckpointFormatError(f"{where} holds {flat.numel()} bytes, its shape {list(shape)} needs {numel * dtype.itemsize}")
+        raise CheckpointFormatError(
+            f"{where} holds {flat.numel()} bytes, its shape {list(shape)} needs {numel * dtype.itemsize}", file=file
+        )
     if not numel:
         return torch.empty(shape, dtype=dtype, device=flat.device)
     if _misaligned(flat, dtype.itemsize):
