@@ -398,3 +398,36 @@ def test_views_fuzz_oracle_catches_a_view_read_from_elsewhere(mode: int, monkeyp
     monkeypatch.setattr(target, "_expected", lambda base, name, shape, stride, offset: torch.zeros(4))
     with pytest.raises(AssertionError, match="other bytes"):
         target.views(shifted)
+
+
+# --------------------------------------------------------------------------- numpy arrays (inline and legacy)
+
+
+@pytest.mark.parametrize(
+    "shape, code, ok",
+    [
+        ([0, INDEX_BOUND - 1], "|u1", True),
+        ([0, INDEX_BOUND], "|u1", False),
+        ([0, (1 << 61) - 1], "<f4", True),
+        ([0, 1 << 61], "<f4", False),  # 2**61 elements of 4 bytes: numpy cannot size it
+        ([1 << 40, 1 << 40, 0], "<f4", False),
+        ([0, 1 << 70], "<f8", False),
+        ([0, (1 << 61) - 1], "<U0", True),  # numpy sizes an empty U0 as 4 bytes
+        ([0, 1 << 61], "<U0", False),
+    ],
+)
+def test_zero_element_numpy_arrays_with_huge_dims(shape: list[int], code: str, ok: bool) -> None:
+    import numpy as np
+
+    from safeckpt.codec.types import array_from_bytes
+
+    rebuild = Rebuilder(Limits())
+    for make in (
+        lambda: array_from_bytes(b"", np.dtype(code), shape, max_dims=8),
+        lambda: rebuild._array_from_state((1, tuple(shape), np.dtype(code), False, b"")),
+    ):
+        if ok:
+            assert make().shape == tuple(shape)
+        else:
+            with pytest.raises(CheckpointFormatError, match="malformed numpy shape"):
+                make()
