@@ -487,7 +487,8 @@ def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewSco
         raise CheckpointFormatError(
             f"the view of {where} reaches byte {end} of an entry of {available} bytes", file=scope.file
         )
-    scope.charge(base, numel * itemsize, where)
+    if base.device.type != "meta":  # meta tensors (a scan, a survey pass) hold no memory to bound
+        scope.charge(base, numel * itemsize, where)
     if not numel:
         return torch.empty(shape, dtype=dtype, device=base.device).as_strided(shape, stride)
     flat = scope.bytes_of(base, itemsize)
