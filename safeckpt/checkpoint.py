@@ -27,13 +27,14 @@ from .container import (
     parse_header,
     parse_root,
     skeleton_bytes,
+    verified_digests,
 )
 from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
 from .limits import DEFAULT_LIMITS, Limits, check_in_file
 from .refs import AllowList
 from .storage import ByteSource, is_url, open_source
-from .tensors import dtype_name
+from .tensors import ViewScope, dtype_name, entry_tensor
 
 __all__ = ["Checkpoint", "ComponentInfo", "read_header_from"]
 
@@ -162,10 +163,8 @@ class Checkpoint:
             return
         if self._header.is_safeckpt:
             raw = skeleton_bytes(self._header, limits)
-            recorded = self._header.digests()
-            if verify and recorded is not None:
-                self._check_digest("<skeleton>", raw, recorded[0])
-                self._digests = recorded[1]
+            if verify:
+                self._digests = verified_digests(self._header, raw)
             self._root = parse_root(raw, limits, str(self.path))
         elif verify:
             raise IntegrityError(
@@ -300,7 +299,7 @@ class Checkpoint:
         self._handed_out.add(name)
         if device.type == "cuda" and self._source.local_path is not None:  # safetensors copies file -> GPU
             tensor = self._open().get_tensor(name)
-            if self._verify and name in self._digests:
+            if self._verify and self._root is not None:
                 self._check_digest(name, tensor.reshape(-1).view(torch.uint8).cpu().numpy(), self._digests[name])
             return tensor
         info = self._header.entries[name]
@@ -317,15 +316,14 @@ class Checkpoint:
             else:
                 raw = np.frombuffer(self._source.read(start, start + info.nbytes), dtype=np.uint8)
                 fetched = True
-        if self._verify and name in self._digests:
+        if self._verify and self._root is not None:  # every entry has a digest (verified_digests)
             self._check_digest(name, raw, self._digests[name])
-        if not info.nbytes:
-            return torch.empty(info.shape, dtype=info.dtype, device=device)
-        if fetched:  # bytes fetched from remote storage: a fresh, writable tensor of their own
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-            tensor.reshape(-1).view(torch.uint8).numpy()[:] = raw
+        if fetched:  # bytes fetched from remote storage: a fresh, aligned, writable tensor of their own
+            tensor = torch.empty(info.shape, dtype=info.dtype)  # shape checked when the header was parsed
+            if info.nbytes:
+                tensor.reshape(-1).view(torch.uint8).numpy()[:] = raw
             return tensor if device.type == "cpu" else tensor.to(device)
-        tensor = torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+        tensor = entry_tensor(raw, info.dtype, info.shape, limits=self._limits, where=name, file=self._header.path)
         if device.type != "cpu":
             return tensor.to(device)
         return tensor.clone() if self._copy else tensor
@@ -386,7 +384,12 @@ class Checkpoint:
     def _decoder(self) -> Decoder:
         cpu = torch.device("cpu")
         return Decoder(
-            self.get_tensor, self._allow, self._limits, file=str(self.path), array_source=lambda name: self._read(name, cpu)
+            self.get_tensor,
+            self._allow,
+            self._limits,
+            file=str(self.path),
+            array_source=lambda name: self._read(name, cpu),
+            views=ViewScope(self._limits, self._header.file_size, str(self.path)),
         )
 
     def _check_digest(self, name: str, data: Any, expected: str) -> None:

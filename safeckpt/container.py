@@ -16,7 +16,6 @@ import datetime
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 
 from .codec import Encoder, pack
-from .errors import CheckpointFormatError, UnsupportedValueError
+from .errors import CheckpointFormatError, IntegrityError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
-from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
+from .tensors import DTYPES_FROM_SAFETENSORS, SAFETENSORS_DTYPES, Entry, NameAllocator, TensorPlan, check_dims
 from .version import __version__
 
 __all__ = [
@@ -49,6 +48,7 @@ __all__ = [
     "read_skeleton_file",
     "single_header",
     "skeleton_file_bytes",
+    "verified_digests",
     "write_single",
 ]
 
@@ -57,6 +57,7 @@ META_FORMAT = "format"  # "pt", as Hugging Face loaders expect
 META_VERSION = "safeckpt.format_version"
 META_SKELETON = "safeckpt.skeleton"
 META_DIGESTS = "safeckpt.digests"
+META_HEADER_DIGEST = "safeckpt.header_digest"
 META_LIBRARY = "safeckpt.library_version"
 META_TORCH = "safeckpt.torch_version"
 META_CREATED = "safeckpt.created"
@@ -138,13 +139,34 @@ def _placeholder_digests(count: int) -> str:
     return DIGEST_PREFIX + "0" * 64 * (count + 1)
 
 
-def _header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
+def _table(entries: list[Entry]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.code, "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
+        table[entry.name] = {"dtype": entry.code, "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    return table
+
+
+def _header_digest(metadata: Mapping[str, str], table_json: bytes) -> str:
+    """SHA-256 of what the header declares (FORMAT.md 1.3): every ``__metadata__`` key and value but
+    the header digest itself as canonical JSON (keys sorted), a newline, then the tensor table
+    ``{name: {"dtype", "shape", "data_offsets"}}`` in data order as compact JSON. Padding and
+    key order are layout, not meaning, and are not covered."""
+    declared = {k: v for k, v in metadata.items() if k != META_HEADER_DIGEST}
+    canonical = json.dumps(declared, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return hashlib.sha256(canonical + b"\n" + table_json).hexdigest()
+
+
+def _table_json(table: Mapping[str, Any]) -> bytes:
+    return json.dumps(table, separators=(",", ":")).encode("ascii")
+
+
+def _header_bytes(entries: list[Entry], metadata: dict[str, str], *, placeholder: bool) -> bytes:
+    table = _table_json(_table(entries))
+    metadata[META_HEADER_DIGEST] = DIGEST_PREFIX + ("0" * 64 if placeholder else _header_digest(metadata, table))
+    raw = b'{"__metadata__":' + json.dumps(metadata, separators=(",", ":")).encode("ascii")
+    raw += b"," + table[1:] if len(table) > 2 else b"}"
     return raw + b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
 
 
@@ -164,7 +186,7 @@ def single_header(encoded: Encoded, digests: list[str] | None = None) -> bytes:
         if digests is None
         else DIGEST_PREFIX + hashlib.sha256(skeleton).hexdigest() + "".join(digests),
     }
-    header = _header_bytes(encoded.entries, metadata)
+    header = _header_bytes(encoded.entries, metadata, placeholder=digests is None)
     return struct.pack("<Q", len(header)) + header
 
 
@@ -231,6 +253,59 @@ class Header:
             raise CheckpointFormatError(f"malformed {META_DIGESTS} in the header", file=self.path)
         parts = [body[i : i + 64] for i in range(0, len(body), 64)]
         return parts[0], dict(zip(self.entries, parts[1:]))
+
+
+def verified_digests(header: Header, skeleton: bytes) -> dict[str, str]:
+    """Check what a safeckpt file's header declares, for ``verify=True``; return ``{entry: digest}``.
+
+    The one place where digests are required and checked before anything is decoded: both
+    digest keys must be there and well-formed, ``skeleton`` (the decoded skeleton bytes) must
+    match its digest, and the header digest must match the header as parsed (every metadata
+    key and value, every entry's name, dtype, shape and offsets). The entries' digests, which
+    the header digest covers, are checked against their bytes as each entry is read.
+
+    Raises:
+        IntegrityError: a digest that is missing, unreadable or does not match; ``tensor_name``
+            is ``"<header>"`` or ``"<skeleton>"``.
+    """
+    recorded = header.metadata.get(META_HEADER_DIGEST)
+    try:
+        digests = header.digests()
+    except CheckpointFormatError:
+        digests = None
+    if recorded is None or digests is None or not _DIGEST.match(recorded) or not _DIGEST.match(
+        header.metadata[META_DIGESTS][: len(DIGEST_PREFIX) + 64]
+    ):
+        raise IntegrityError(
+            f"{header.path}: the header has no readable {META_HEADER_DIGEST} and {META_DIGESTS} to verify "
+            "(the file was modified, or written by an earlier safeckpt that did not digest its header); "
+            "load it with verify=False only if you trust it",
+            tensor_name="<header>",
+            file=header.path,
+        )
+    _expect_digest(header.path, "<skeleton>", digests[0], hashlib.sha256(skeleton).hexdigest())
+    table = {  # header.entries is in data order
+        info.name: {"dtype": SAFETENSORS_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+        for info in header.entries.values()
+    }
+    actual = _header_digest(header.metadata, _table_json(table))
+    _expect_digest(header.path, "<header>", recorded[len(DIGEST_PREFIX) :], actual)
+    return digests[1]
+
+
+def _expect_digest(path: str, name: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        what = "the skeleton" if name == "<skeleton>" else "the header (metadata or tensor table)"
+        raise IntegrityError(
+            f"{path}: {what} does not match its recorded SHA-256 digest (the file is corrupt or was modified)",
+            tensor_name=name,
+            expected=expected,
+            actual=actual,
+            file=path,
+        )
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 
 def _bad(path: str, message: str, offset: int | None = None) -> CheckpointFormatError:
@@ -309,11 +384,7 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
         raise _bad(path, f"tensor {name!r:.200} has unknown dtype {spec['dtype']!r:.50}")
     if type(shape) is not list:
         raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
-    for v in shape:
-        if type(v) is not int or v < 0:
-            raise _bad(path, f"tensor {name!r:.200} has a malformed shape")
-    if len(shape) > limits.max_dims:
-        limits.check("max_dims", len(shape), what=f"the rank of tensor {name!r:.200}", file=path)
+    numel = check_dims(shape, what=f"tensor {name!r:.200}", limits=limits, file=path)
     if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise _bad(path, f"tensor {name!r:.200} has malformed data_offsets")
     begin, end = offsets
@@ -322,8 +393,8 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
     check_in_file(
         end, data_size, lambda: f"{path}: tensor {name!r:.200} at data bytes [{begin}, {end}), outside the data section,", file=path
     )
-    if math.prod(shape) * dtype.itemsize != end - begin:
-        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")
+    if numel * dtype.itemsize != end - begin:
+        raise _bad(path, f"tensor {name!r:.200} of shape {shape} needs {numel * dtype.itemsize} bytes, has {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 

@@ -50,6 +50,10 @@ class Limits:
             containers would use 27.
         max_inflated_bytes: bytes one compressed zip member may inflate to (checked on its
             declared size and again while inflating).
+        max_expansion: how many times the file's size the tensor views of one load may hold in
+            all (each view's elements times its item size, counted before it is made): a
+            stride-0 view of a few bytes cannot claim gigabytes that a copy, a ``convert`` or
+            a ``diff`` would then materialise.
     """
 
     max_header_bytes: int = 100 * MiB
@@ -66,6 +70,7 @@ class Limits:
     max_pickle_work: int = 4 * MiB
     max_pickle_work_per_byte: int = 16
     max_inflated_bytes: int = 256 * MiB
+    max_expansion: int = 16
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -10,12 +10,20 @@ entry exactly, carries a *view* ``[dtype, shape, stride, offset]`` into it:
 - tensors that are the same view of one storage (tied weights) share one entry;
 - overlapping views of one storage are stored once: as the member that covers
   them all when there is one, otherwise as the storage's byte span (``U8``);
+- a tensor whose elements overlap in its storage (a stride-0 ``expand``) is stored
+  as the bytes it spans plus a view, never materialised;
 - dtypes that safetensors cannot name (complex128, ...) are stored as ``U8``
   bytes with a view that reinterprets them.
+
+Reading goes the other way, through the checks of the last section: every tensor
+made over file bytes (whole entries, views, legacy storages) is validated there
+before it exists.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, LimitExceededError
+from .limits import Limits
 
 __all__ = [
     "DTYPES_BY_NAME",
+    "INDEX_BOUND",
     "SAFETENSORS_DTYPES",
     "Entry",
-    "NameAllocator",
+        "NameAllocator",
     "TensorPlan",
+    "ViewScope",
+    "check_dims",
     "contiguous_strides",
     "dtype_name",
+    "entry_tensor",
     "view_tensor",
 ]
 
@@ -160,6 +173,12 @@ def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share bytes (it spans fewer bytes than it has elements)."""
+    start, end = _byte_extent(t)
+    return end - start < t.numel() * t.element_size()
+
+
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
 
@@ -215,6 +234,9 @@ class TensorPlan:
 
     def _lay_out(self, members: list[_Member]) -> list[Entry]:
         first = members[0]
+        if not first.tensor.is_contiguous() and _overlaps(first.tensor):
+            # its elements overlap (a stride-0 expand): store the bytes it spans and views, never a copy
+            return self._lay_out_overlapping(members)
         if len(members) == 1:
             return [self._own_entry(first)]
         if all(_signature(m.tensor) == _signature(first.tensor) for m in members):
@@ -266,38 +288,210 @@ class TensorPlan:
         member.payload[3] = [dtype_name(t.dtype), list(t.shape), list(t.stride()), offset]
 
 
-def view_tensor(base: torch.Tensor, view: Any, *, max_dims: int, where: str) -> torch.Tensor:
-    """Rebuild a tensor from an entry and a ``[dtype, shape, stride, offset]`` view, bounds-checked.
+# --------------------------------------------------------------------------- making tensors from file bytes
+#
+# Every tensor that reading makes over bytes of a file goes through this section, before any
+# tensor object exists:
+#   - shape and stride: ints in [0, 2**63) (torch's int64), at most max_dims of them, and the
+#     product of the non-zero dims below 2**63, so that torch can represent the tensor whatever
+#     its element count (a zero-element [0, 2**70] or [2**40, 2**40, 0] is refused, [0, 2**63-1]
+#     is made);
+#   - byte extent: every element the view can reach lies inside its entry (storage);
+#   - absolute alignment: the first element's address is a multiple of the element size,
+#     else the bytes are copied to fresh (aligned) memory first; never handed out misaligned;
+#   - expansion: the elements of the views one load makes, counted once per view, hold at most
+#     ``Limits.max_expansion`` times the bytes they come from (the file), checked on declared
+#     sizes before the view is made.
+
+INDEX_BOUND = 1 << 63  # torch sizes, strides and offsets are int64
+
+#: dtypes a view may not name: quantized ones (torch cannot make them over plain bytes) and
+#: the sub-byte int1..int7/uint1..uint7 (torch cannot copy their elements).
+_NO_VIEWS = frozenset(
+    dtype for name, dtype in DTYPES_BY_NAME.items() if name.startswith("q") or re.fullmatch(r"u?int[1-7]", name)
+)
+
+
+def check_dims(dims: Any, *, what: str, limits: Limits, file: str | None = None) -> int:
+    """Validate a declared shape; return its element count.
 
     Raises:
-        CheckpointFormatError: if the view is malformed or reaches outside the entry.
+        CheckpointFormatError: a dim that is not an int in ``[0, 2**63)``, or non-zero dims whose
+            product reaches ``2**63`` (no tensor of that shape exists, even with no element).
+        LimitExceededError: more than ``limits.max_dims`` dims.
+    """
+    if type(dims) not in (list, tuple):
+        raise CheckpointFormatError(f"{what} has a malformed shape: not a list", file=file)
+    if len(dims) > limits.max_dims:
+        limits.check("max_dims", len(dims), what=f"the rank of {what}", file=file)
+    numel, nonzero = 1, 1
+    for d in dims:
+        if type(d) is not int or not 0 <= d < INDEX_BOUND:
+            raise CheckpointFormatError(f"{what} has a malformed shape: a dim {d!r:.40} outside [0, 2**63)", file=file)
+        numel *= d
+        if d:
+            nonzero *= d
+    if nonzero >= INDEX_BOUND:
+        raise CheckpointFormatError(
+            f"{what} has a malformed shape: its non-zero dims multiply to 2**63 or more, which no tensor "
+            "can have, even an empty one",
+            file=file,
+        )
+    return numel
+
+
+class ViewScope:
+    """The views of one load: what they may hold in all, and the aligned copies of their bases.
+
+    The elements of the views one load makes may hold at most ``limits.max_expansion`` times
+    the bytes of their source. A base (entry, storage) whose bytes are misaligned in memory for
+    a view's dtype is copied to fresh memory once, and every such view shares that copy.
+
+    Args:
+        limits: ``max_expansion`` is the ratio.
+        source_bytes: the size of the file the views come from. ``None``: the bytes of the distinct
+            bases (entries, storages) views are made of, which all lie in the file (a tighter bound).
+        file: for error messages.
+    """
+
+    def __init__(self, limits: Limits, source_bytes: int | None = None, file: str | None = None) -> None:
+        self._limits = limits
+        self._source = source_bytes
+        self._bases: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id -> (base, aligned copy)
+        self._based = 0
+        self.used = 0
+        self.file = file
+
+    @property
+    def allowance(self) -> int:
+        """Bytes the views may hold in all."""
+        source = self._source if self._source is not None else self._based
+        return self._limits.max_expansion * source
+
+    def charge(self, base: torch.Tensor, nbytes: int, where: str) -> None:
+        """Count a view of ``nbytes`` bytes made of ``base``.
+
+        Raises:
+            LimitExceededError: (``limit="max_expansion"``) when the views would hold more than the allowance.
+        """
+        if id(base) not in self._bases:  # held, so that ids are never reused while the scope lives
+            self._bases[id(base)] = (base, None)
+            self._based += base.numel() * base.element_size()
+        if self.used + nbytes > self.allowance:
+            what = "file" if self._source is not None else "storages they view"
+            raise LimitExceededError(
+                f"the view of {where} would bring the views of this load to {self.used + nbytes} bytes, over "
+                f"Limits.max_expansion={self._limits.max_expansion} times the bytes of the {what} "
+                f"({self.allowance} bytes); pass limits=Limits(max_expansion=...) to read it if you trust this file",
+                limit="max_expansion",
+                maximum=self.allowance,
+                actual=self.used + nbytes,
+                file=self.file,
+            )
+        self.used += nbytes
+
+    def bytes_of(self, base: torch.Tensor, itemsize: int) -> torch.Tensor:
+        """``base`` (charged before) as flat ``uint8``, in fresh memory when it is misaligned for ``itemsize``."""
+        flat = base.reshape(-1).view(torch.uint8)
+        if not _misaligned(flat, itemsize):
+            return flat
+        held, copy = self._bases[id(base)]
+        if copy is None:
+            copy = _fresh_copy(flat)
+            self._bases[id(base)] = (held, copy)
+        return copy
+
+
+def _address(flat: torch.Tensor) -> int:
+    """Absolute address of a tensor's first byte (0 on the meta device, which has no memory)."""
+    if flat.device.type == "meta":
+        return 0
+    return int(flat.untyped_storage().data_ptr()) + int(flat.storage_offset()) * flat.element_size()
+
+
+def _misaligned(flat: torch.Tensor, itemsize: int) -> bool:
+    """Whether elements of ``itemsize`` bytes starting at ``flat``'s first byte (``uint8``) would be
+    misaligned in memory, or in the elements of its storage (which ``set_`` counts in)."""
+    return bool(_address(flat) % itemsize or int(flat.storage_offset()) % itemsize)
+
+
+def _fresh_copy(flat: torch.Tensor) -> torch.Tensor:
+    """``flat``'s bytes in fresh memory (torch's allocator aligns to 64 bytes)."""
+    copy = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
+    copy.copy_(flat)
+    return copy
+
+
+def entry_tensor(
+    raw: Any, dtype: torch.dtype, shape: tuple[int, ...], *, limits: Limits, where: str, file: str | None = None
+) -> torch.Tensor:
+    """A whole stored entry: the flat bytes ``raw`` (a ``uint8`` numpy array or tensor, e.g. a slice of
+    a file mapping) as a contiguous tensor of ``dtype`` and ``shape``, zero-copy when aligned.
+
+    Raises:
+        CheckpointFormatError: a shape no tensor can have, or bytes that do not match it.
+    """
+    itemsize = dtype.itemsize
+    flat = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+    # The common case, zero-copy: positive dims whose product is the bytes there are (so each
+    # is in range), aligned in memory. Anything else takes the full checks below.
+    if shape and min(shape) > 0 and len(shape) <= limits.max_dims and flat.numel() == math.prod(shape) * itemsize:
+        if not flat.storage_offset() and flat.data_ptr() % itemsize == 0 and flat.dtype == torch.uint8 and flat.dim() == 1:
+            return flat.view(dtype).reshape(shape)
+    numel = check_dims(shape, what=where, limits=limits, file=file)
+    if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != numel * dtype.itemsize:
+        raise CheckpointFormatError(
+            f"{where} holds {flat.numel()} bytes, its shape {list(shape)} needs {numel * dtype.itemsize}", file=file
+        )
+    if not numel:
+        return torch.empty(shape, dtype=dtype, device=flat.device)
+    if _misaligned(flat, dtype.itemsize):
+        flat = _fresh_copy(flat)
+    return torch.empty(0, dtype=dtype, device=flat.device).set_(
+        flat.untyped_storage(), int(flat.storage_offset()) // dtype.itemsize, shape, contiguous_strides(shape)
+    )
+
+
+def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewScope, where: str) -> torch.Tensor:
+    """Rebuild a tensor from an entry (or storage) and a ``[dtype, shape, stride, offset]`` view.
+
+    Checks the view (see the rules above this function) before any tensor exists, charges its
+    bytes to ``scope``, and reads a copy of ``base`` when its bytes are misaligned in memory.
+
+    Raises:
+        CheckpointFormatError: if the view is malformed or reaches outside ``base``.
+        LimitExceededError: over ``max_dims``, or over the load's expansion allowance.
     """
     if not (isinstance(view, list) and len(view) == 4):
-        raise CheckpointFormatError(f"malformed tensor view for {where}: {view!r:.200}")
+        raise CheckpointFormatError(f"malformed tensor view for {where}: {view!r:.200}", file=scope.file)
     name, shape, stride, offset = view
     dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise CheckpointFormatError(f"unknown dtype {name!r:.100} in the view of {where}")
+        raise CheckpointFormatError(f"unknown dtype {name!r:.100} in the view of {where}", file=scope.file)
+    if dtype in _NO_VIEWS:
+        raise CheckpointFormatError(
+            f"the view of {where} has dtype {name}, whose tensors torch cannot make or copy from bytes", file=scope.file
+        )
+    numel = check_dims(shape, what=f"the view of {where}", limits=limits, file=scope.file)
     if not (
-        isinstance(shape, list)
-        and isinstance(stride, list)
-        and len(shape) == len(stride) <= max_dims
-        and all(type(v) is int and 0 <= v < 1 << 62 for v in (*shape, *stride, offset))
+        type(stride) in (list, tuple)
+        and len(stride) == len(shape)
+        and all(type(v) is int and 0 <= v < INDEX_BOUND for v in (*stride, offset))
     ):
-        raise CheckpointFormatError(f"malformed shape/stride/offset in the view of {where}")
+        raise CheckpointFormatError(f"malformed stride/offset in the view of {where}", file=scope.file)
     itemsize = dtype.itemsize
-    numel = 1
-    for size in shape:
-        numel *= size
     last = sum((size - 1) * st for size, st in zip(shape, stride)) if numel else -1
-    needed = (offset + last + 1) * itemsize
+    begin, end = offset * itemsize, (offset + last + 1) * itemsize
     available = base.numel() * base.element_size()
-    if needed > available:
-        raise CheckpointFormatError(f"the view of {where} reaches byte {needed} of an entry of {available} bytes")
-    start = base.storage_offset() * base.element_size() + offset * itemsize
-    storage = base.untyped_storage()
-    if start % itemsize:  # entry not aligned for this dtype: copy its bytes to fresh, aligned memory
-        raw = base.reshape(-1).view(torch.uint8)[offset * itemsize : needed].clone()
-        storage, start = raw.untyped_storage(), 0
-    out = torch.empty(0, dtype=dtype, device=base.device)
-    return out.set_(storage, start // itemsize, shape, stride)
+    if end > available:
+        raise CheckpointFormatError(
+            f"the view of {where} reaches byte {end} of an entry of {available} bytes", file=scope.file
+        )
+    if base.device.type != "meta":  # meta tensors (a scan, a survey pass) hold no memory to bound
+        scope.charge(base, numel * itemsize, where)
+    if not numel:
+        return torch.empty(shape, dtype=dtype, device=base.device).as_strided(shape, stride)
+    flat = scope.bytes_of(base, itemsize)
+    return torch.empty(0, dtype=dtype, device=base.device).set_(
+        flat.untyped_storage(), (int(flat.storage_offset()) + begin) // itemsize, shape, stride
+    )

@@ -15,7 +15,7 @@ from torch.torch_version import TorchVersion
 from ..errors import CheckpointFormatError, LimitExceededError, SafeCkptError
 from ..limits import Limits
 from ..refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
-from ..tensors import DTYPES_BY_NAME, view_tensor
+from ..tensors import DTYPES_BY_NAME, ViewScope, view_tensor
 from .types import ATTR_NAME, PARAMETER, REQUIRES_GRAD, Ext, Tag, array_from_bytes, fail, numpy_dtype
 
 __all__ = ["Decoder"]
@@ -44,6 +44,8 @@ class Decoder:
         file: the file being read, for error messages.
         array_source: returns the entry as a CPU tensor, for numpy arrays (numpy has
             no devices); defaults to ``tensor_source``.
+        views: the scope of the views this decoder makes (what they may hold in all); by default
+            ``limits.max_expansion`` times the bytes of the entries they view.
     """
 
     def __init__(
@@ -53,7 +55,9 @@ class Decoder:
         limits: Limits,
         file: str | None = None,
         array_source: Callable[[str], torch.Tensor] | None = None,
+        views: ViewScope | None = None,
     ) -> None:
+        self._views = views if views is not None else ViewScope(limits, file=file)
         self._source = tensor_source
         self._array_source = array_source or tensor_source
         self._allow = allow
@@ -218,7 +222,7 @@ class Decoder:
                 source = self._array_source if for_array else self._source
                 tensor = self._tensors[(entry, for_array)] = source(entry)
             if view is not None:
-                tensor = view_tensor(tensor, view, max_dims=self._limits.max_dims, where=entry)
+                tensor = view_tensor(tensor, view, limits=self._limits, scope=self._views, where=entry)
             self._tensors[key] = tensor
         return tensor
 

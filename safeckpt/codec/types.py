@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 
 from ..errors import CheckpointFormatError
+from ..tensors import INDEX_BOUND
 
 __all__ = [
     "ATTR_NAME",
@@ -104,9 +105,12 @@ def array_from_bytes(raw: bytes, dtype: np.dtype[Any], shape: Any, *, max_dims: 
     """
     if type(shape) not in (list, tuple) or len(shape) > max_dims or not all(type(v) is int and v >= 0 for v in shape):
         raise fail("malformed numpy shape")
-    count = 1
+    count, nonzero = 1, max(dtype.itemsize, 4 if dtype.kind == "U" else 1)  # numpy sizes an empty U0 as U1
     for size in shape:
         count *= size
+        nonzero *= size or 1
+    if nonzero >= INDEX_BOUND:  # numpy cannot make it, even with no element ([0, 2**70])
+        raise fail("malformed numpy shape: its non-zero dims times its item size reach 2**63")
     if count * dtype.itemsize != len(raw):
         raise fail("numpy array bytes do not match its shape")
     flat = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)

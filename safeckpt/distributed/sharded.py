@@ -46,6 +46,7 @@ from ..storage import atomic_write, fsync_dir
 from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
 from ..storage import LocalStorage, is_url
+from ..tensors import check_dims
 from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
 from .tree import Slot, merge_tensors, split_tensors
 
@@ -250,7 +251,7 @@ def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -
             raise _bad(root, f"two tensor entries share the place {item[0]!r:.200} or the key {item[1]!r:.200}")
         paths.add(item[0])
         keys.add(item[1])
-        limits.check("max_dims", len(item[3]), what=f"the rank of tensor {item[1]!r:.200}", file=str(meta))
+        check_dims(item[3], what=f"tensor {item[1]!r:.200}", limits=limits, file=str(meta))  # torch.zeros can make it
         slots.append(Slot(item[0], item[1], item[2], tuple(item[3])))
     _check_shards(root, expected)
     _check_chunks(root, sorted(expected), slots, limits)

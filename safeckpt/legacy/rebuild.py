@@ -22,7 +22,7 @@ from ..errors import CheckpointFormatError
 from ..limits import Limits
 from ..policy import ALLOWED
 from ..refs import GlobalRef, OpaqueObject
-from ..tensors import dtype_name, view_tensor
+from ..tensors import ViewScope, dtype_name, view_tensor
 from .vm import make_pending
 
 __all__ = ["Rebuilder", "StorageRef", "StorageType"]
@@ -86,8 +86,9 @@ def _ints(value: Any, what: str) -> list[int]:
 class Rebuilder:
     """The allowlisted constructors for one read, bound to a target device and limits."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, source_bytes: int | None = None, file: str | None = None) -> None:
         self._limits = limits
+        self._views = ViewScope(limits, source_bytes, file)  # every tensor of a legacy file is a view
         self.values: dict[str, Any] = {}
         for name in list(_STORAGE_DTYPES):
             self.values[f"torch:{name}Storage"] = StorageType(_STORAGE_DTYPES[name])
@@ -207,7 +208,7 @@ class Rebuilder:
         if dtype is None or type(offset) is not int:
             raise CheckpointFormatError(f"tensor on storage {storage.key!r} has no dtype or offset")
         view = [dtype_name(dtype), _ints(size, "tensor size"), _ints(stride, "tensor stride"), offset]
-        return view_tensor(storage.bytes(), view, max_dims=self._limits.max_dims, where=f"storage {storage.key!r}")
+        return view_tensor(storage.bytes(), view, limits=self._limits, scope=self._views, where=f"storage {storage.key!r:.50}")
 
     @staticmethod
     def _grad(tensor: torch.Tensor, requires_grad: Any) -> torch.Tensor:
