@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .attrs import set_data_attrs
 from .codec import Decoder
 from .container import (
     META_CREATED,
@@ -305,10 +306,7 @@ class Checkpoint:
             if self._root.kind != "ordered_dict":
                 raise CheckpointFormatError(f"{self.path}: a plain dict state cannot carry attributes", file=str(self.path))
             attrs = decoder.unpack(self._root.attrs, "the state's attributes")
-            if type(attrs) is not dict or not all(type(k) is str and k.isidentifier() and not k.startswith("__") for k in attrs):
-                raise CheckpointFormatError(f"{self.path}: malformed state attributes", file=str(self.path))
-            for attr, value in attrs.items():
-                setattr(state, attr, value)
+            set_data_attrs(state, attrs, what=f"{self.path}: the state's attributes", file=str(self.path))
         return state
 
     # internals ---------------------------------------------------------------------

@@ -117,9 +117,8 @@ def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = Tru
     for key, value in state.items():
         segment = encoder.prefix = segments.claim(_segment(key)) if prefixed else ""
         components.append([encoder.encode(key, (key,)), segment, encoder.encode(value, (key,))])
-    attrs = vars(state) if type(state) is OrderedDict else {}
     encoder.prefix = segments.claim("__dict__")
-    encoded_attrs = encoder.encode(dict(attrs), ("__dict__",)) if attrs else None
+    encoded_attrs = encoder.encode_attrs(state, (), 1) if type(state) is OrderedDict else None
     entries = plan.finalize()  # fills the tensor references inside the encoded values
     root = {
         "root": "ordered_dict" if type(state) is OrderedDict else "dict",

@@ -15,6 +15,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from .. import policy
+from ..attrs import check_attrs_for_save
 from ..errors import UnsupportedValueError
 from ..limits import Limits
 from ..refs import GlobalRef, OpaqueObject, ref_of
@@ -146,11 +147,30 @@ class Encoder:
         self._enter(value, path)
         try:
             pairs = self._pairs(value.items(), path, depth)
-            attrs = vars(value)
-            encoded_attrs = self._dict(attrs, (*path, "__dict__"), depth) if attrs else None
+            encoded_attrs = self.encode_attrs(value, path, depth)
         finally:
             self._active.discard(id(value))
         return [TAGS[Tag.ORDERED_DICT], encoded_attrs, *(x for pair in pairs for x in pair)]
+
+    def encode_attrs(self, value: Any, path: tuple[Any, ...], depth: int = 0) -> Any:
+        """The instance attributes of an ``OrderedDict`` (``_metadata``), or ``None`` when it has none.
+
+        Raises:
+            UnsupportedValueError: for an attribute that would shadow a method when read
+                back (``od.keys = ...``): readers refuse those (see :mod:`safeckpt.attrs`).
+        """
+        attrs = vars(value)
+        if not attrs:
+            return None
+        problem = check_attrs_for_save(type(value), attrs)
+        if problem is not None:
+            where = render_path(path)
+            raise UnsupportedValueError(
+                f"{where}: {problem}; the safe format stores only data attributes (such as _metadata)",
+                path_in_state=where,
+                value_type=type(value).__qualname__,
+            )
+        return self._dict(dict(attrs), (*path, "__dict__"), depth)
 
     # leaves -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from ..attrs import set_data_attrs
 from ..codec import array_from_bytes
 from ..errors import CheckpointFormatError
 from ..limits import Limits
@@ -298,7 +299,11 @@ class Rebuilder:
         return np.frombuffer(raw, dtype=dtype, count=1)[0] if raw else dtype.type()
 
     def build(self, target: Any, state: Any) -> Any:
-        """BUILD on real values other than OrderedDict: numpy dtypes only."""
+        """BUILD on real values: attributes of an ``OrderedDict`` (data only, see :mod:`safeckpt.attrs`)
+        and numpy dtypes; ``None`` refuses."""
+        if type(target) is OrderedDict:
+            set_data_attrs(target, state, what="a BUILD on an OrderedDict")
+            return target
         if isinstance(target, np.dtype):
             return self.build_dtype(target, state)
         return None

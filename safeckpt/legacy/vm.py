@@ -586,12 +586,6 @@ class SymbolicUnpickler:
                 self._pos,
             )
             return target
-        if type(target) is OrderedDict and type(state) is dict:
-            for name, value in state.items():
-                if type(name) is not str or not name.isidentifier() or name.startswith("__"):
-                    raise self._error(f"BUILD sets attribute {name!r:.50} on an OrderedDict")
-                setattr(target, name, value)
-            return target
         if isinstance(target, torch.Tensor):
             if state:
                 self._report.find("tensor-state", "suspicious", "BUILD state on a tensor was dropped", self._pos)
