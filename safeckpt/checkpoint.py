@@ -35,6 +35,7 @@ from .io import map_file
 from .limits import DEFAULT_LIMITS, Limits
 from .refs import AllowList
 from .tensors import dtype_name
+from .text import show
 
 __all__ = ["Checkpoint", "ComponentInfo"]
 
@@ -195,7 +196,7 @@ class Checkpoint:
             if _same_key(key, component):
                 return i
         raise ComponentNotFoundError(
-            f"no component {component!r:.100} in {self.path}; it has {self.components()!r:.300}",
+            f"no component {show(component)} in {self.path}; it has {show(self.components(), 300)}",
             name=component,
             available=self.components(),
             file=str(self.path),
@@ -290,7 +291,7 @@ class Checkpoint:
         if self._root is None:
             return self.get_tensor(component)
         _, _, value = self._root.components[self._index(component)]
-        return self._decoder().unpack(value, f"component {component!r:.100}")
+        return self._decoder().unpack(value, f"component {show(component)}")
 
     def load(self) -> dict[Any, Any]:
         """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors)."""
@@ -300,8 +301,8 @@ class Checkpoint:
         state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
         for name, (_, _, value) in zip(self.components(), self._root.components):
             if name in state:
-                raise CheckpointFormatError(f"{self.path}: component {name!r:.100} appears twice", file=str(self.path))
-            state[name] = decoder.unpack(value, f"component {name!r:.100}")
+                raise CheckpointFormatError(f"{self.path}: component {show(name)} appears twice", file=str(self.path))
+            state[name] = decoder.unpack(value, f"component {show(name)}")
         if self._root.attrs is not None:
             if self._root.kind != "ordered_dict":
                 raise CheckpointFormatError(f"{self.path}: a plain dict state cannot carry attributes", file=str(self.path))

@@ -32,6 +32,7 @@ from .loading import load_multi_files
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import GlobalRef, OpaqueObject
 from .tensors import dtype_name
+from .text import segment, show
 
 __all__ = [
     "ComponentView",
@@ -473,7 +474,7 @@ def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
                     value = load_multi_files(path, [key], verify=manifest_file is not None)[key]
                 except FileNotFoundError as exc:  # the manifest names a file that is gone: an incomplete set
                     raise IntegrityError(
-                        f"{manifest_file} lists component {key!r}, whose file {exc.filename} is "
+                        f"{manifest_file} lists component {show(key)}, whose file {exc.filename} is "
                         "missing: the set is incomplete",
                         tensor_name=key,
                         file=exc.filename,

@@ -35,6 +35,7 @@ from .errors import CheckpointFormatError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, Entry, NameAllocator, TensorPlan
+from .text import segment
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,7 +88,7 @@ class Encoded:
 def _segment(key: Any) -> str:
     """A component's name prefix: ``str(key)`` with ``%`` and ``/`` escaped, so that the
     text before an entry name's first ``/`` always names its component."""
-    text = str(key).replace("%", "%25").replace("/", "%2F")
+    text = segment(key).replace("%", "%25").replace("/", "%2F")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

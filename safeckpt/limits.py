@@ -35,6 +35,11 @@ class Limits:
         max_dims: number of dimensions of one tensor.
         max_container_len: items in one list, tuple, set or dict of the skeleton.
         max_str_len: bytes in one string, bytes value, big integer or inline array.
+        max_shared_values: values visited again because a container appears at several
+            places (a pickle's memo shares it): saving writes a tree, so each place is
+            written out, and the report walks of the command line show each place; this
+            bounds how far a few shared containers may multiply (a 2**100 blow-up of a
+            100-byte pickle). Cycles are never expanded.
     """
 
     max_header_bytes: int = 100 * MiB
@@ -45,6 +50,7 @@ class Limits:
     max_dims: int = 64
     max_container_len: int = 10_000_000
     max_str_len: int = 64 * MiB
+    max_shared_values: int = 1_000_000
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

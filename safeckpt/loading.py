@@ -20,6 +20,7 @@ from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS, Limits
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import AllowList, resolve_allowed
+from .text import show
 from .urls import is_url
 
 __all__ = ["load", "load_multi_files", "load_single_file", "open"]
@@ -217,7 +218,7 @@ def load_multi_files(
     missing = [key for key in wanted if key not in files]
     if missing:
         raise ComponentNotFoundError(
-            f"{path} has no component {missing[0]!r}; it has {available}", name=missing[0], available=available
+            f"{path} has no component {show(missing[0])}; it has {show(available, 300)}", name=missing[0], available=available
         )
     out: dict[str, Any] = {}
     for key in wanted:
@@ -233,7 +234,7 @@ def _load_component(file: Path, key: str, options: dict[str, Any]) -> Any:
         return value
     if isinstance(value, dict) and key not in value:  # a plain safetensors file: a state dict
         return value
-    raise CheckpointFormatError(f"{file} does not hold component {key!r}", file=str(file))
+    raise CheckpointFormatError(f"{file} does not hold component {show(key)}", file=str(file))
 
 
 def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:

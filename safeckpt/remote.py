@@ -60,6 +60,7 @@ from .multifile import DEFAULT_KEYS, ManifestEntry, check_keys, file_digest, man
 from .refs import AllowList
 from .saving import FORMATS, fold_model_kwargs, warn_fallback
 from .stream import hash_parts, pieces
+from .text import show
 from .urls import is_url
 
 __all__ = [
@@ -597,7 +598,7 @@ def load_multi_files(
     wanted = available if keys is None else list(keys)
     missing = [key for key in wanted if key not in available]
     if missing:
-        raise ComponentNotFoundError(f"{url} has no component {missing[0]!r}; it has {available}", name=missing[0], available=available)
+        raise ComponentNotFoundError(f"{url} has no component {show(missing[0])}; it has {show(available, 300)}", name=missing[0], available=available)
     out: dict[str, Any] = {}
     for entry in manifest.entries:
         if entry.key not in wanted:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointFormatError
+from .text import show
 
 __all__ = [
     "DTYPES_BY_NAME",
@@ -273,7 +274,7 @@ def view_tensor(base: torch.Tensor, view: Any, *, max_dims: int, where: str) -> 
         CheckpointFormatError: if the view is malformed or reaches outside the entry.
     """
     if not (isinstance(view, list) and len(view) == 4):
-        raise CheckpointFormatError(f"malformed tensor view for {where}: {view!r:.200}")
+        raise CheckpointFormatError(f"malformed tensor view for {where}: {show(view, 200)}")
     name, shape, stride, offset = view
     dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None:

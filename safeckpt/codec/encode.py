@@ -20,6 +20,7 @@ from ..errors import UnsupportedValueError
 from ..limits import Limits
 from ..refs import GlobalRef, OpaqueObject, ref_of
 from ..tensors import TensorPlan, dtype_name
+from ..text import show
 from .types import (
     FUNCTION_TYPES,
     INT_MAX,
@@ -137,7 +138,7 @@ class Encoder:
             if encoded_key in seen and key == key:
                 where = render_path(path)
                 raise UnsupportedValueError(
-                    f"{where} has keys {seen[encoded_key]!r} and {key!r}, which would load as the same key",
+                    f"{where} has keys {show(seen[encoded_key])} and {show(key)}, which would load as the same key",
                     path_in_state=where,
                     value_type="dict",
                 )

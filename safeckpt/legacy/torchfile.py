@@ -31,6 +31,7 @@ from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..io import map_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
+from ..text import show
 from .rebuild import Rebuilder, StorageRef, StorageType
 from .vm import Report, SymbolicUnpickler, check_depth
 
@@ -120,10 +121,10 @@ class _Reader:
 
     def storage_pid(self, pid: Any) -> tuple[StorageType, str, str, int, Any]:
         if type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] != "storage":
-            raise CheckpointFormatError(f"{self.path}: persistent id {pid!r:.100} is not a torch storage")
+            raise CheckpointFormatError(f"{self.path}: persistent id {show(pid)} is not a torch storage")
         _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, StorageType) or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointFormatError(f"{self.path}: malformed storage reference {pid!r:.100}")
+            raise CheckpointFormatError(f"{self.path}: malformed storage reference {show(pid)}")
         return kind, key, location, numel, pid[5] if len(pid) == 6 else None
 
     def file_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
