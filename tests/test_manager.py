@@ -92,7 +92,7 @@ def test_keep_best_alone_never_deletes_the_newest(tmp_path: Path) -> None:
     mgr.save(1, _state(1), {"acc": 0.9})
     mgr.save(2, _state(2), {"acc": 0.1})
     mgr.save(3, _state(3), {"acc": 0.2})
-    mgr.save(4, _state(4))  # no metric: not ranked, but the newest
+    mgr.save(4, _state(4), {"acc": 0.05})  # the worst, but the newest
     assert mgr.all_steps() == [1, 4]
     assert mgr.best() == 1 and mgr.latest() == 4
 
