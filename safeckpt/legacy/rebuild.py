@@ -26,7 +26,7 @@ from ..refs import GlobalRef, OpaqueObject
 from ..tensors import dtype_name, view_tensor
 from .vm import make_pending
 
-__all__ = ["Rebuilder", "StorageRef", "StorageType"]
+__all__ = ["Rebuilder", "StorageRef", "StorageType", "swap_size"]
 
 _STORAGE_DTYPES = {
     "Double": torch.float64,
@@ -76,6 +76,15 @@ class StorageRef:
                 raise CheckpointFormatError(f"storage {self.key!r} holds {data.numel()} bytes, expected {self.nbytes}")
             self._data = data
         return self._data
+
+
+def swap_size(dtype: torch.dtype | None) -> int:
+    """The byte-swap unit of a storage of ``dtype`` in a big-endian archive, as ``torch.load`` swaps it:
+    each element, but each half of a complex one (real and imaginary parts stay in order); an
+    untyped storage (``dtype`` ``None``) is not swapped."""
+    if dtype is None:
+        return 1
+    return max(1, dtype.itemsize // 2) if dtype.is_complex else dtype.itemsize
 
 
 def _ints(value: Any, what: str) -> list[int]:

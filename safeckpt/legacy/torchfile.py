@@ -32,7 +32,7 @@ from ..io import map_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
 from ..text import show
-from .rebuild import Rebuilder, StorageRef, StorageType
+from .rebuild import Rebuilder, StorageRef, StorageType, swap_size
 from .vm import Report, SymbolicUnpickler, check_depth
 
 __all__ = ["LegacyFile", "read_torch_file"]
@@ -223,7 +223,7 @@ def _read_zip(reader: _Reader) -> Any:
                 raise CheckpointFormatError(
                     f"{path}: storage {key!r:.50} holds {member.file_size} bytes, its reference says {nbytes}", file=path
                 )
-            load = reader.meta_or(nbytes, lambda: member_bytes(member, _element_size(kind)))
+            load = reader.meta_or(nbytes, lambda: member_bytes(member, swap_size(kind.dtype)))
             storages[key] = StorageRef(key, kind.dtype, nbytes, load)
             return storages[key]
 
