@@ -261,7 +261,15 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "legacy": legacy,
         "scan": legacy + safe[:2] + components,
         "sharded": list(_sharded_seeds(tmp)),
+        "values": _values_seeds(),
     }
+
+
+def _values_seeds() -> list[tuple[str, bytes]]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import targets_values
+
+    return [(f"values_{i}", data) for i, data in enumerate(targets_values.seeds())]
 
 
 def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int]:
