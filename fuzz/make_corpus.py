@@ -284,6 +284,15 @@ def _names_seeds() -> Iterator[tuple[str, bytes]]:
         yield f"n_stack_{module}_{qualname}", b"\x04" + f"{module}\n{qualname}".encode()
     yield "n_resolve_ordered", b"\x02\x00\nOrderedDict"
     yield "n_resolve_walk", b"\x02\x06\nserialization.os.system"
+        "values": _values_seeds(),
+    }
+
+
+def _values_seeds() -> list[tuple[str, bytes]]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import targets_values
+
+    return [(f"values_{i}", data) for i, data in enumerate(targets_values.seeds())]
 
 
 def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int]:

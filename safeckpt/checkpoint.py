@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .attrs import set_data_attrs
 from .codec import Decoder
 from .container import (
     META_CREATED,
@@ -35,6 +36,7 @@ from .limits import DEFAULT_LIMITS, Limits, check_in_file
 from .refs import AllowList
 from .storage import ByteSource, is_url, open_source
 from .tensors import ViewScope, dtype_name, entry_tensor
+from .text import show
 
 __all__ = ["Checkpoint", "ComponentInfo", "read_header_from"]
 
@@ -230,7 +232,7 @@ class Checkpoint:
             if _same_key(key, component):
                 return i
         raise ComponentNotFoundError(
-            f"no component {component!r:.100} in {self.path}; it has {self.components()!r:.300}",
+            f"no component {show(component)} in {self.path}; it has {show(self.components(), 300)}",
             name=component,
             available=self.components(),
             file=str(self.path),
@@ -337,7 +339,7 @@ class Checkpoint:
         if self._root is None:
             return self.get_tensor(component)
         _, _, value = self._root.components[self._index(component)]
-        return self._decoder().unpack(value, f"component {component!r:.100}")
+        return self._decoder().unpack(value, f"component {show(component)}")
 
     def load(self) -> dict[Any, Any]:
         """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors).
@@ -359,16 +361,13 @@ class Checkpoint:
         state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
         for name, (_, _, value) in zip(self.components(), self._root.components):
             if name in state:
-                raise CheckpointFormatError(f"{self.path}: component {name!r:.100} appears twice", file=str(self.path))
-            state[name] = decoder.unpack(value, f"component {name!r:.100}")
+                raise CheckpointFormatError(f"{self.path}: component {show(name)} appears twice", file=str(self.path))
+            state[name] = decoder.unpack(value, f"component {show(name)}")
         if self._root.attrs is not None:
             if self._root.kind != "ordered_dict":
                 raise CheckpointFormatError(f"{self.path}: a plain dict state cannot carry attributes", file=str(self.path))
             attrs = decoder.unpack(self._root.attrs, "the state's attributes")
-            if type(attrs) is not dict or not all(type(k) is str and k.isidentifier() and not k.startswith("__") for k in attrs):
-                raise CheckpointFormatError(f"{self.path}: malformed state attributes", file=str(self.path))
-            for attr, value in attrs.items():
-                setattr(state, attr, value)
+            set_data_attrs(state, attrs, what=f"{self.path}: the state's attributes", file=str(self.path))
         return state
 
     # internals ---------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .limits import DEFAULT_LIMITS
 from .loading import load, load_multi_files
 from .multifile import DEFAULT_KEYS, discover, find_manifest, manifest_path, read_manifest
 from .saving import save_multi_from_single, save_single_file
+from .text import segment
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "main"]
 
@@ -127,8 +128,8 @@ def _render_view(out: _Out, view: FileView, with_tensors: bool) -> None:
     rows: list[tuple[str, ...]] = []
     for c in view.components:
         stored = (plural(c.count, "tensor"), human_bytes(c.nbytes), ", ".join(c.dtypes)) if c.count else ("", "", "")
-        rows.append((str(c.key), *stored, c.summary))
-        if with_tensors and c.tensors and not (len(c.tensors) == 1 and c.tensors[0].name == str(c.key)):
+        rows.append((segment(c.key), *stored, c.summary))
+        if with_tensors and c.tensors and not (len(c.tensors) == 1 and c.tensors[0].name == segment(c.key)):
             rows.extend(("  " + t.name, "", human_bytes(t.nbytes), t.dtype, str(list(t.shape))) for t in c.tensors)
     out.table(rows)
     if view.class_refs:
@@ -411,7 +412,7 @@ def cmd_diff(out: _Out, args: argparse.Namespace) -> int:
     out.table(
         [
             (
-                str(c.key),
+                segment(c.key),
                 plural(c.tensors, "tensor") if c.tensors else "",
                 status[c.status] + (f" ({plural(c.differences, 'difference')})" if c.status == "different" else ""),
             )

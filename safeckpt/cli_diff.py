@@ -10,6 +10,7 @@ inert ``GlobalRef`` equals the one its converted file stores.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,16 @@ def _finite(x: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _within(delta: Any, b: Any, atol: float, rtol: float) -> bool:
+    """``delta <= atol + rtol * |b|`` for any numbers, exactly when ints are too large for floats."""
+    try:
+        return bool(delta <= atol + rtol * abs(b))
+    except OverflowError:  # an int beyond float range (10**400): compare as exact fractions
+        if not (math.isfinite(atol) and math.isfinite(rtol)):
+            return math.inf in (atol, rtol)
+        return Fraction(delta) <= Fraction(atol) + Fraction(rtol) * abs(b)
+
+
 def _compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[bool, float | None]:
     """(close, max abs difference) of two tensors of one shape; NaNs in the same places are equal."""
     a, b = a.detach().cpu(), b.detach().cpu()
@@ -143,7 +154,7 @@ def _compare_leaf(a: Any, b: Any, atol: float, rtol: float) -> tuple[str | None,
         if isinstance(a, float) and math.isnan(a) and math.isnan(b):
             return None, None
         delta = abs(a - b)
-        if a == b or delta <= atol + rtol * abs(b):
+        if a == b or _within(delta, b, atol, rtol):
             return None, None
         return "value", _finite(delta)
     try:

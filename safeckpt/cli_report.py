@@ -25,16 +25,18 @@ import torch
 from .checkpoint import Checkpoint
 from .container import read_header
 from .detect import Kind, detect
-from .errors import CheckpointFormatError, IntegrityError
+from .errors import CheckpointFormatError, IntegrityError, LimitExceededError
 from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS
 from .loading import load_multi_files
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import GlobalRef, OpaqueObject
 from .tensors import dtype_name
+from .text import int_fits_text, segment, show
 
 __all__ = [
     "ComponentView",
+    "Cycle",
     "FileView",
     "Progress",
     "TensorRow",
@@ -85,10 +87,13 @@ def shape_text(shape: tuple[int, ...] | torch.Size) -> str:
 
 
 def json_key(key: Any) -> Any:
-    """A component key as JSON can hold it: str, int, float, bool and None as is, anything else as ``str``."""
-    if key is None or type(key) in (str, int, bool) or (type(key) is float and math.isfinite(key)):
+    """A component key as JSON can hold it: str, int, float, bool and None as is, anything else as text
+    (an int too long for ``str`` too, as ``<int of about N digits>``)."""
+    if key is None or type(key) in (str, bool) or (type(key) is float and math.isfinite(key)):
         return key
-    return str(key)
+    if type(key) is int and int_fits_text(key):
+        return key
+    return segment(key)
 
 
 def jsonable(value: Any) -> Any:
@@ -101,9 +106,8 @@ def jsonable(value: Any) -> Any:
 
 
 def short_repr(value: Any, width: int = 60) -> str:
-    """``repr(value)`` cut to ``width`` characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    """``repr(value)`` cut to ``width`` characters, bounded and never raising (see :func:`safeckpt.text.show`)."""
+    return show(value, width)
 
 
 # --------------------------------------------------------------------------- walking a state
@@ -125,6 +129,8 @@ def children(value: Any) -> list[tuple[Any, Any]] | None:
     Mappings, lists and tuples (not ``torch.Size``) are containers, and so is an
     inert :class:`OpaqueObject` (its constructor arguments and state).
     """
+    if isinstance(value, dict):
+        return list(dict.items(value))
     if isinstance(value, Mapping):
         return list(value.items())
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
@@ -137,31 +143,94 @@ def children(value: Any) -> list[tuple[Any, Any]] | None:
             ("list_items", value.list_items),
             ("dict_items", value.dict_items),
         ]
-        return [(Attr(name), part) for name, part in parts if part not in (None, (), {})]
+        return [(Attr(name), part) for name, part in parts if not _empty_part(part)]
     return None
 
 
-def walk(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+@dataclass(frozen=True)
+class Cycle:
+    """Where :func:`walk` meets a container inside itself: shown in its place, not descended into.
+
+    Attributes:
+        kind: the container's type name.
+        target: the path where the walk entered that container.
+    """
+
+    kind: str
+    target: tuple[Any, ...]
+
+
+_LEAVE = object()  # a stack marker: the walk is done with a container's children
+
+
+def _empty_part(part: Any) -> bool:
+    """An absent part of an OpaqueObject (``None``, ``()``, ``{}``), tested without ``==`` on the value."""
+    return part is None or (type(part) in (tuple, list, dict) and not part)
+
+
+def walk(
+    value: Any, path: tuple[Any, ...] = (), *, max_shared: int = DEFAULT_LIMITS.max_shared_values
+) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """Every node of ``value`` as ``(path, node)``, depth first, a container before its children.
 
-    Iterative, so a deeply nested state cannot exhaust the Python stack.
+    Iterative, so a deeply nested state cannot exhaust the Python stack. A value read
+    from a pickle may share containers and contain itself: a container met again inside
+    itself is yielded as a :class:`Cycle` naming where it was entered, and not descended
+    into; a container met again elsewhere is walked again at each place (as saving
+    writes it), but at most ``max_shared`` nodes are visited that way.
+
+    Raises:
+        LimitExceededError: (``limit="max_shared_values"``) when shared containers
+            expand to more than ``max_shared`` repeated nodes.
     """
-    stack: list[tuple[tuple[Any, ...], Any]] = [(path, value)]
+    stack: list[Any] = [(path, value)]
+    active: dict[int, tuple[Any, ...]] = {}  # containers being walked (the current branch) -> their path
+    seen: dict[int, Any] = {}  # every container walked so far (kept alive, so ids stay unique)
+    repeating = 0  # how many containers on the current branch were walked before
+    repeated = 0
     while stack:
-        here, node = stack.pop()
-        yield here, node
+        item = stack.pop()
+        if item[0] is _LEAVE:
+            active.pop(item[1], None)
+            repeating -= item[2]
+            continue
+        here, node = item
         kids = children(node)
-        if kids:
-            stack.extend(((*here, seg), child) for seg, child in reversed(kids))
+        if kids is None:
+            yield here, node
+            continue
+        key = id(node)
+        if key in active:
+            yield here, Cycle(type(node).__name__, active[key])
+            continue
+        again = key in seen
+        repeating += again
+        if repeating:
+            repeated += 1 + len(kids)
+            if repeated > max_shared:
+                raise LimitExceededError(
+                    f"the value shares containers that expand to more than {max_shared} repeated values "
+                    f"(at {render_path(here)[:200]}); a pickle's memo can multiply a small file many times over",
+                    limit="max_shared_values",
+                    maximum=max_shared,
+                    actual=repeated,
+                )
+        seen[key] = node
+        active[key] = here
+        yield here, node
+        stack.append((_LEAVE, key, again))
+        stack.extend(((*here, seg), child) for seg, child in reversed(kids))
 
 
 def render_path(path: tuple[Any, ...]) -> str:
     """``("optimizer_state_dict", "state", 0, "exp_avg")`` -> ``"optimizer_state_dict/state/0/exp_avg"``."""
-    return "/".join(str(seg) for seg in path) if path else "(root)"
+    return "/".join(segment(seg) for seg in path) if path else "(root)"
 
 
 def summary(value: Any) -> str:
     """One line saying what a value is, without its contents (``"dict, 3 keys"``, ``"tensor float32 [4, 3]"``)."""
+    if isinstance(value, Cycle):
+        return f"{value.kind} containing itself (the one at {render_path(value.target)})"
     if isinstance(value, torch.Tensor):
         return f"tensor {dtype_name(value.dtype)} {shape_text(value.shape)}"
     if isinstance(value, np.ndarray):
@@ -260,7 +329,7 @@ class FileView:
             if isinstance(node, torch.Tensor):
                 rows.append(
                     TensorRow(
-                        render_path(path) if path else str(key),
+                        render_path(path) if path else segment(key),
                         dtype_name(node.dtype),
                         tuple(node.shape),
                         node.numel() * node.element_size(),
@@ -473,7 +542,7 @@ def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
                     value = load_multi_files(path, [key], verify=manifest_file is not None)[key]
                 except FileNotFoundError as exc:  # the manifest names a file that is gone: an incomplete set
                     raise IntegrityError(
-                        f"{manifest_file} lists component {key!r}, whose file {exc.filename} is "
+                        f"{manifest_file} lists component {show(key)}, whose file {exc.filename} is "
                         "missing: the set is incomplete",
                         tensor_name=key,
                         file=exc.filename,

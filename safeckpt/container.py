@@ -33,6 +33,7 @@ from .errors import CheckpointFormatError, IntegrityError, UnsupportedValueError
 from .limits import Limits, check_in_file
 from .stream import open_stream
 from .tensors import DTYPES_FROM_SAFETENSORS, SAFETENSORS_DTYPES, Entry, NameAllocator, TensorPlan, check_dims
+from .text import segment
 from .version import __version__
 
 __all__ = [
@@ -90,7 +91,7 @@ class Encoded:
 def _segment(key: Any) -> str:
     """A component's name prefix: ``str(key)`` with ``%`` and ``/`` escaped, so that the
     text before an entry name's first ``/`` always names its component."""
-    text = str(key).replace("%", "%25").replace("/", "%2F")
+    text = segment(key).replace("%", "%25").replace("/", "%2F")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -120,9 +121,8 @@ def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = Tru
     for key, value in state.items():
         segment = encoder.prefix = segments.claim(_segment(key)) if prefixed else ""
         components.append([encoder.encode(key, (key,)), segment, encoder.encode(value, (key,))])
-    attrs = vars(state) if type(state) is OrderedDict else {}
     encoder.prefix = segments.claim("__dict__")
-    encoded_attrs = encoder.encode(dict(attrs), ("__dict__",)) if attrs else None
+    encoded_attrs = encoder.encode_attrs(state, (), 1) if type(state) is OrderedDict else None
     entries = plan.finalize()  # fills the tensor references inside the encoded values
     root = {
         "root": "ordered_dict" if type(state) is OrderedDict else "dict",

@@ -54,6 +54,11 @@ class Limits:
             all (each view's elements times its item size, counted before it is made): a
             stride-0 view of a few bytes cannot claim gigabytes that a copy, a ``convert`` or
             a ``diff`` would then materialise.
+        max_shared_values: values visited again because a container appears at several
+            places (a pickle's memo shares it): saving writes a tree, so each place is
+            written out, and the report walks of the command line show each place; this
+            bounds how far a few shared containers may multiply (a 2**100 blow-up of a
+            100-byte pickle). Cycles are never expanded.
     """
 
     max_header_bytes: int = 100 * MiB
@@ -71,6 +76,7 @@ class Limits:
     max_pickle_work_per_byte: int = 16
     max_inflated_bytes: int = 256 * MiB
     max_expansion: int = 16
+    max_shared_values: int = 1_000_000
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import socket
@@ -52,12 +53,14 @@ from .multifile import MANIFEST_SUFFIX, check_keys
 from .reader import ReadOptions, load_set_in, load_source
 from .snapshot import BackgroundWriter, freeze
 from .storage import FileRecord, open_storage, pid_alive
+from .text import show
 from .steps import (
     BASE,
     LOCK,
     MARKER,
     MAX_MARKER_BYTES,
     STEP_DIR,
+    as_float,
     clean_metrics,
     make_marker,
     step_dir,
@@ -66,6 +69,8 @@ from .steps import (
 from .writer import Payload, TorchValue, plan_multi, plan_single, write_files, write_set
 
 __all__ = ["CheckpointManager"]
+
+logger = logging.getLogger("safeckpt")
 
 class CheckpointManager:
     """Keeps the checkpoints of a training run in ``directory``: save, list, retain, restore.
@@ -117,6 +122,7 @@ class CheckpointManager:
         self._store = open_storage(directory, storage_options)
         self.directory = self._store.url
         self._markers: dict[int, dict[str, Any]] = {}  # complete markers never change: a cache, not an index
+        self._unranked: set[int] = set()  # steps whose recorded metric is invalid (logged once)
         self._writer = BackgroundWriter(f"safeckpt-writer:{self.directory}")
         self._store.makedirs("")
         self._cleanup(self._complete_steps())
@@ -147,11 +153,14 @@ class CheckpointManager:
         Args:
             step: a non-negative int not saved yet.
             state: the training state (a dict); never modified.
-            metrics: numbers (or 0-d tensors) recorded in the marker, e.g. ``{"loss": 0.3}``.
+            metrics: numbers (or 0-d tensors) or strings recorded in the marker, e.g. ``{"loss": 0.3}``;
+                it must hold the manager's ``metric``, as a finite real number.
             blocking: write now (``True``) or in the background.
 
         Raises:
-            ValueError: if ``step`` is negative or already saved, or ``metrics`` exceed 1 MiB as JSON.
+            ValueError: if ``step`` is negative or already saved, ``metrics`` exceed 1 MiB as JSON, lack
+                the manager's ``metric``, or hold it as NaN or infinity, or hold an int beyond float range.
+            TypeError: for a metric that is not a number or str (the ranked one: not a real number).
             UnsupportedValueError: with ``format="safe"``, naming a value the format cannot hold.
             Exception: the failure of the previous background save, if it failed (that step is not committed).
             OSError: if writing fails (blocking saves).
@@ -161,7 +170,7 @@ class CheckpointManager:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         if self._marker(step) is not None:
             raise ValueError(f"step {step} is already saved in {self.directory}")
-        clean = clean_metrics(metrics)
+        clean = clean_metrics(metrics, self.metric)
         files = self._plan(state)
         if not blocking:
             for _, payload in files:
@@ -266,13 +275,23 @@ class CheckpointManager:
         return dict(marker["metrics"])
 
     def _ranked(self, steps: list[int]) -> list[int]:
-        """Complete steps that have a finite ``metric``, best first (ties: the newer first)."""
+        """Complete steps that have a valid ``metric`` (a finite real number within float range), best
+        first (ties: the newer first). A step whose marker holds anything else is not ranked, once logged."""
         scored = []
         for step in steps:
             marker = self._marker(step)
-            value = marker["metrics"].get(self.metric) if marker else None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                scored.append((value if self.mode == "min" else -value, -step))
+            if marker is None:
+                continue
+            value = as_float(marker["metrics"].get(self.metric))
+            if value is None or not math.isfinite(value):
+                if self.metric in marker["metrics"] and step not in self._unranked:
+                    self._unranked.add(step)
+                    logger.warning(
+                        "step %d in %s records metric %s as %s, not a finite number: it is not ranked",
+                        step, self.directory, show(self.metric), show(marker["metrics"][self.metric], 60),
+                    )
+                continue
+            scored.append((value if self.mode == "min" else -value, -step))
         return [-neg for _, neg in sorted(scored)]
 
     def best(self) -> int | None:
@@ -289,10 +308,15 @@ class CheckpointManager:
     # restoring ---------------------------------------------------------------------------
 
     def restore(self, step: int | None = None, **load_kwargs: Any) -> Any:
-        """Load a complete step (default: the newest), waiting for a background save first.
+        """Load a complete step (default: the newest that loads), waiting for a background save first.
+
+        Without ``step``, a newest step that is corrupt (its files differ from its marker,
+        a digest does not match with ``verify=True``, or it does not decode) is skipped,
+        with a warning on the ``"safeckpt"`` logger naming it and why, and the next newer
+        one is tried, down to the oldest. A ``step`` asked for is never replaced.
 
         Args:
-            step: the step to load; ``None`` for :meth:`latest`.
+            step: the step to load; ``None`` for the newest complete step that loads.
             **load_kwargs: ``device``, ``allowed_globals``, ``verify``, ``trust_pickle``,
                 ``limits``, as for :func:`safeckpt.load`.
 
@@ -301,17 +325,39 @@ class CheckpointManager:
 
         Raises:
             FileNotFoundError: if there is no complete step (or not ``step``).
-            IntegrityError: if a file is missing or its size differs from the marker.
+            IntegrityError: if a file is missing or its size differs from the marker
+                (without ``step``: the newest step's error, when no step loads).
+            CheckpointFormatError: if the step does not decode (likewise).
             Exception: a background save's failure.
         """
         self._writer.join()
-        if step is None:
-            step = self.latest()
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        marker = self._marker(step)
-        if marker is None:
-            raise FileNotFoundError(f"no complete step {step} in {self.directory}; complete steps: {self.all_steps()}")
+        if step is not None:
+            marker = self._marker(step)
+            if marker is None:
+                raise FileNotFoundError(f"no complete step {step} in {self.directory}; complete steps: {self.all_steps()}")
+            return self._restore_step(step, marker, load_kwargs)
+        steps = self.all_steps()[::-1]
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        first_error: Exception | None = None
+        for candidate in steps:
+            marker = self._marker(candidate)
+            if marker is None:  # deleted since it was listed
+                continue
+            try:
+                state = self._restore_step(candidate, marker, load_kwargs)
+            except (IntegrityError, CheckpointFormatError) as exc:
+                first_error = first_error or exc
+                logger.warning("restore: skipping step %d in %s: %s", candidate, self.directory, exc)
+                continue
+            if candidate != steps[0]:
+                logger.warning("restore: loaded step %d, the newest step in %s that loads", candidate, self.directory)
+            return state
+        assert first_error is not None
+        raise first_error
+
+    def _restore_step(self, step: int, marker: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
+        """Load one complete step after checking its files against its marker."""
         rel = step_dir(step)
         present = self._store.listdir(rel)
         for item in marker["files"]:

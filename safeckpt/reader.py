@@ -33,6 +33,7 @@ from .multifile import (
     split_base,
 )
 from .refs import AllowList, resolve_allowed
+from .text import show
 from .storage import ByteSource, Storage, locate, open_source, display_path
 
 __all__ = ["ReadOptions", "load_any", "load_file", "load_set", "load_set_in", "load_source", "open_lazy"]
@@ -198,7 +199,7 @@ def load_set_in(
     missing = [key for key in wanted if key not in files]
     if missing:
         raise ComponentNotFoundError(
-            f"{shown} has no component {missing[0]!r}; it has {available}", name=missing[0], available=available
+            f"{shown} has no component {show(missing[0])}; it has {show(available, 300)}", name=missing[0], available=available
         )
     component_options = options if manifest_name is not None else _without_verify(options)
     return {key: _load_component(storage, files[key], key, component_options) for key in wanted}
@@ -223,21 +224,21 @@ def _load_component(storage: Storage, rel: str, key: str, options: ReadOptions) 
             _name_the_file(exc, source.name)
             raise
     if list(value) != [key]:
-        raise CheckpointFormatError(f"{source.name} does not hold component {key!r}; refused", file=source.name)
+        raise CheckpointFormatError(f"{source.name} does not hold component {show(key)}; refused", file=source.name)
     return value[key]
 
 
 def _check_component(ckpt: Checkpoint, key: str, name: str) -> None:
     if not ckpt.is_safeckpt:
         raise CheckpointFormatError(
-            f"{name} is a plain safetensors file: it records no component, so it cannot be component {key!r} of a set; refused",
+            f"{name} is a plain safetensors file: it records no component, so it cannot be component {show(key)} of a set; refused",
             file=name,
         )
     root = ckpt._root
     recorded = ckpt._header.metadata.get(META_COMPONENT) if root is None or root.component is None else root.component
     if recorded is not None and recorded != key:
         raise CheckpointFormatError(
-            f"{name} holds component {recorded!r:.100}, but is listed as {key!r}: a file of another set or key; refused",
+            f"{name} holds component {show(recorded, 100)}, but is listed as {show(key)}: a file of another set or key; refused",
             file=name,
         )
 

@@ -244,13 +244,19 @@ class AllowList:
 def resolve_allowed(value: Any, allow: AllowList, *, max_depth: int = 1000) -> Any:
     """Replace the ``GlobalRef``/``OpaqueObject`` placeholders in ``value`` that ``allow`` names.
 
-    Mutable containers are updated in place (keeping shared references shared);
-    tuples, sets and frozensets are rebuilt.
+    Mutable containers and inert ``OpaqueObject``s are updated in place (keeping
+    shared references shared and cycles intact); tuples, sets and frozensets are
+    rebuilt. A value from a pickle may contain itself: each container is visited
+    once, and a tuple met again inside itself is left as it was.
 
     Raises:
-        RecursionError: never; deeper nesting than ``max_depth`` raises ``ValueError``.
+        UnsupportedValueError: for an instance of an allowed class that contains
+            itself (it would have to exist before its own arguments); leave its class
+            out of ``allowed_globals`` to get it as an inert ``OpaqueObject``.
+        ValueError: for nesting deeper than ``max_depth`` (never ``RecursionError``).
     """
     done: dict[int, Any] = {}
+    building: set[int] = set()  # immutable values and allowed objects whose parts are being resolved
 
     def walk(item: Any, depth: int) -> Any:
         if depth > max_depth:
@@ -259,34 +265,62 @@ def resolve_allowed(value: Any, allow: AllowList, *, max_depth: int = 1000) -> A
         if key in done:
             return done[key]
         kind = type(item)
+        if key in building:  # met again inside itself
+            if kind is OpaqueObject:
+                raise UnsupportedValueError(
+                    f"an instance of the allowed class {item.cls.name} contains itself; safeckpt rebuilds "
+                    "objects from their parts, so it cannot rebuild this one: leave the class out of "
+                    "allowed_globals to load it as an inert OpaqueObject",
+                    value_type=item.cls.name,
+                )
+            return item
         if kind is GlobalRef:
             out: Any = allow.resolve(item)
         elif kind is OpaqueObject:
-            spec = OpaqueObject(
-                item.cls,
-                item.constructor,
-                tuple(walk(a, depth + 1) for a in item.args),
-                {k: walk(v, depth + 1) for k, v in item.kwargs.items()},
-                walk(item.state, depth + 1),
-                None if item.list_items is None else [walk(v, depth + 1) for v in item.list_items],
-                None if item.dict_items is None else [(walk(k, depth + 1), walk(v, depth + 1)) for k, v in item.dict_items],
-            )
             factory = allow.resolve(item.cls)
-            out = spec if factory is item.cls else build_object(factory, spec)
+            if factory is item.cls:  # not allowed: stays inert, its parts resolved in place
+                done[key] = item
+                _resolve_parts(item, item, lambda v: walk(v, depth + 1))
+                return item
+            building.add(key)
+            spec = OpaqueObject(item.cls, item.constructor)
+            _resolve_parts(item, spec, lambda v: walk(v, depth + 1))
+            building.discard(key)
+            out = build_object(factory, spec)
         elif isinstance(item, dict):
             done[key] = item
-            for k in list(item):
-                item[k] = walk(item[k], depth + 1)
+            for k in list(dict.keys(item)):
+                dict.__setitem__(item, k, walk(dict.__getitem__(item, k), depth + 1))
             return item
         elif kind is list:
             done[key] = item
             item[:] = [walk(v, depth + 1) for v in item]
             return item
         elif kind in (tuple, set, frozenset):
+            building.add(key)
             out = kind(walk(v, depth + 1) for v in item)
+            building.discard(key)
         else:
             return item
         done[key] = out
         return out
 
-    return walk(value, 0) if allow else value
+    try:
+        return walk(value, 0) if allow else value
+    except RecursionError as exc:
+        raise ValueError(f"value nested deeper than the interpreter's stack allows (max_depth={max_depth})") from exc
+
+
+def _resolve_parts(source: OpaqueObject, target: OpaqueObject, resolve: Any) -> None:
+    """Set ``target``'s parts to ``source``'s, each passed through ``resolve``."""
+    parts = {
+        "args": tuple(resolve(a) for a in source.args),
+        "kwargs": {k: resolve(v) for k, v in source.kwargs.items()},
+        "state": resolve(source.state),
+        "list_items": None if source.list_items is None else [resolve(v) for v in source.list_items],
+        "dict_items": None
+        if source.dict_items is None
+        else [(resolve(k), resolve(v)) for k, v in source.dict_items],
+    }
+    for name, part in parts.items():
+        object.__setattr__(target, name, part)

@@ -10,12 +10,14 @@ shared :class:`~safeckpt.storage.FileRecord`).
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from .storage import FileRecord
+from .text import show
 from .version import __version__
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "MARKER",
     "MAX_MARKER_BYTES",
     "MAX_METRICS_BYTES",
+    "as_float",
     "STEP_DIR",
     "clean_metrics",
     "make_marker",
@@ -46,16 +49,42 @@ def step_dir(step: int) -> str:
     return f"step_{step:012d}"
 
 
-def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+def as_float(value: Any) -> float | None:
+    """A metric as a float, or ``None`` if it is not a real number within float range (``10**400``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None, ranked: str | None = None) -> dict[str, Any]:
+    """Check what a save records: str names; numbers (within float range) or str values; and the
+    metric the manager ranks by (``ranked``) present, a real number, and finite."""
     out: dict[str, Any] = {}
     for name, value in (metrics or {}).items():
         if not isinstance(name, str):
-            raise TypeError(f"metric names must be str, got {name!r}")
+            raise TypeError(f"metric names must be str, got {show(name)}")
         if hasattr(value, "item") and not isinstance(value, (int, float)):
             value = value.item()  # a 0-d tensor or numpy scalar
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"metric {name!r} must be a number or str, got {type(value).__name__}")
+            raise TypeError(f"metric {show(name)} must be a number or str, got {type(value).__name__}")
+        if isinstance(value, int) and as_float(value) is None:
+            raise ValueError(f"metric {show(name)} is {show(value, 40)}, outside the range of a float")
         out[name] = value
+    if ranked is not None:
+        if ranked not in out:
+            given = ", ".join(show(n, 40) for n in out) or "none"
+            raise ValueError(
+                f"this manager ranks steps by metric {show(ranked)}: pass it to save(), e.g. "
+                f"metrics={{{ranked!r:.60}: 0.25}} (metrics given: {given})"
+            )
+        number = as_float(out[ranked])
+        if number is None:
+            raise TypeError(f"metric {show(ranked)} ranks steps: it must be a real number, got {type(out[ranked]).__name__}")
+        if not math.isfinite(number):
+            raise ValueError(f"metric {show(ranked)} is {number}; it ranks steps, so it must be finite")
     size = len(json.dumps(out).encode())
     if size > MAX_METRICS_BYTES:
         raise ValueError(f"the metrics take {size} bytes as JSON; a step records at most {MAX_METRICS_BYTES}")

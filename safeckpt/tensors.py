@@ -33,6 +33,7 @@ import torch
 
 from .errors import CheckpointFormatError, LimitExceededError
 from .limits import Limits
+from .text import show
 
 __all__ = [
     "DTYPES_BY_NAME",
@@ -463,7 +464,7 @@ def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewSco
         LimitExceededError: over ``max_dims``, or over the load's expansion allowance.
     """
     if not (isinstance(view, list) and len(view) == 4):
-        raise CheckpointFormatError(f"malformed tensor view for {where}: {view!r:.200}", file=scope.file)
+        raise CheckpointFormatError(f"malformed tensor view for {where}: {show(view, 200)}", file=scope.file)
     name, shape, stride, offset = view
     dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None:

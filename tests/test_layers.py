@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "safeckpt"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("version", "errors", "limits", "policy", "handler", "tensors", "refs", "stream", "detect", "storage")),
+    ("foundations", ("version", "errors", "text", "attrs", "limits", "policy", "handler", "tensors", "refs", "stream", "detect", "storage")),
     ("codec", ("codec", "container", "legacy")),
     ("layouts", ("multifile", "snapshot")),
     ("reader/writer", ("checkpoint", "reader", "writer")),

@@ -142,7 +142,7 @@ def test_manager_on_memory(memory_url: str) -> None:
     fs.pipe_file(f"{memory_url}/run/step_000000000009/checkpoint_model_state_dict.safetensors", b"torn")
     fresh = CheckpointManager(f"{memory_url}/run", max_to_keep=2, keep_best=1, metric="loss", multi=True)
     assert fresh.latest() == 3  # the incomplete step 9 (no marker, no lock) is ignored
-    fresh.save(10, _state(10))
+    fresh.save(10, _state(10), {"loss": 9.0})
     assert not fs.exists(f"{memory_url}/run/step_000000000009")  # older than the newest complete step: cleaned
     assert fresh.all_steps() == [0, 3, 10]
 

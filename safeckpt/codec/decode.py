@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from ..attrs import set_data_attrs
 from ..errors import CheckpointFormatError, LimitExceededError, SafeCkptError
 from ..limits import Limits
 from ..refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
 from ..tensors import DTYPES_BY_NAME, ViewScope, view_tensor
-from .types import ATTR_NAME, PARAMETER, REQUIRES_GRAD, Ext, Tag, array_from_bytes, fail, numpy_dtype
+from .types import PARAMETER, REQUIRES_GRAD, Ext, Tag, array_from_bytes, fail, numpy_dtype
 
 __all__ = ["Decoder"]
 
@@ -200,10 +201,7 @@ class Decoder:
         out = OrderedDict(pairs)
         if len(out) != len(pairs):
             raise fail("duplicate keys in an OrderedDict")
-        for name, value in (body[0] or {}).items():
-            if not (type(name) is str and ATTR_NAME.match(name) and not name.startswith("__")):
-                raise fail(f"invalid OrderedDict attribute {name!r:.50}")
-            setattr(out, name, value)
+        set_data_attrs(out, body[0] or {}, what="an OrderedDict in the skeleton")
         return out
 
     def _size(self, body: list[Any]) -> torch.Size:

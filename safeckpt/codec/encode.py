@@ -15,10 +15,12 @@ import torch
 from torch.torch_version import TorchVersion
 
 from .. import policy
+from ..attrs import check_attrs_for_save
 from ..errors import UnsupportedValueError
 from ..limits import Limits
 from ..refs import GlobalRef, OpaqueObject, ref_of
 from ..tensors import TensorPlan, dtype_name
+from ..text import show
 from .types import (
     FUNCTION_TYPES,
     INT_MAX,
@@ -55,6 +57,9 @@ class Encoder:
         self._limits = limits
         self._tensors: dict[int, tuple[Any, list[Any]]] = {}  # id -> (object kept alive, payload)
         self._active: set[int] = set()  # containers being encoded, to catch cycles
+        self._done: dict[int, Any] = {}  # containers encoded so far, to count shared ones written again
+        self._repeating = 0  # shared containers being written again on the current branch
+        self._repeated = 0  # values written again because of sharing
 
     def encode(self, value: Any, path: tuple[Any, ...], depth: int = 0) -> Any:
         """Encode one value found at ``path``.
@@ -80,21 +85,48 @@ class Encoder:
 
     # containers ---------------------------------------------------------------
 
-    def _enter(self, value: Any, path: tuple[Any, ...]) -> None:
-        if id(value) in self._active:
+    def _enter(self, value: Any, path: tuple[Any, ...]) -> bool:
+        """Start encoding a container; ``True`` when it was encoded before (shared, written out again).
+
+        Raises:
+            UnsupportedValueError: for a container inside itself (the safe format stores trees),
+                or shared containers that expand past ``Limits.max_shared_values`` repeated values.
+        """
+        key = id(value)
+        if key in self._active:
             raise UnsupportedValueError(
                 f"{render_path(path)} contains itself (a reference cycle); the safe format stores trees",
                 path_in_state=render_path(path),
                 value_type=type(value).__qualname__,
             )
-        self._active.add(id(value))
+        again = key in self._done
+        self._repeating += again
+        if self._repeating:
+            self._repeated += 1 + (len(value) if isinstance(value, (list, tuple, set, frozenset, dict)) else 0)
+            if self._repeated > self._limits.max_shared_values:
+                where = render_path(path)
+                raise UnsupportedValueError(
+                    f"{where} is a container shared at so many places that writing it out at each one (the "
+                    f"safe format stores trees) would repeat more than Limits.max_shared_values="
+                    f"{self._limits.max_shared_values} values",
+                    path_in_state=where,
+                    value_type=type(value).__qualname__,
+                )
+        self._active.add(key)
+        return again
+
+    def _leave(self, value: Any, again: bool) -> None:
+        key = id(value)
+        self._active.discard(key)
+        self._done[key] = value  # kept alive, so that its id is not reused while encoding
+        self._repeating -= again
 
     def _items(self, value: Any, path: tuple[Any, ...], depth: int) -> list[Any]:
-        self._enter(value, path)
+        again = self._enter(value, path)
         try:
             return [self.encode(item, (*path, i), depth) for i, item in enumerate(value)]
         finally:
-            self._active.discard(id(value))
+            self._leave(value, again)
 
     def _pairs(self, pairs: Any, path: tuple[Any, ...], depth: int) -> list[tuple[Any, Any]]:
         return [
@@ -112,11 +144,11 @@ class Encoder:
         return [TAGS[tag], *self._items(value, path, depth)]
 
     def _dict(self, value: dict[Any, Any], path: tuple[Any, ...], depth: int) -> Any:
-        self._enter(value, path)
+        again = self._enter(value, path)
         try:
             pairs = self._pairs(value.items(), path, depth)
         finally:
-            self._active.discard(id(value))
+            self._leave(value, again)
         try:
             encoded = dict(pairs)
         except TypeError:  # a key encoded as an array (a tuple key, ...)
@@ -136,21 +168,40 @@ class Encoder:
             if encoded_key in seen and key == key:
                 where = render_path(path)
                 raise UnsupportedValueError(
-                    f"{where} has keys {seen[encoded_key]!r} and {key!r}, which would load as the same key",
+                    f"{where} has keys {show(seen[encoded_key])} and {show(key)}, which would load as the same key",
                     path_in_state=where,
                     value_type="dict",
                 )
             seen.setdefault(encoded_key, key)
 
     def _ordered_dict(self, value: OrderedDict[Any, Any], path: tuple[Any, ...], depth: int) -> Any:
-        self._enter(value, path)
+        again = self._enter(value, path)
         try:
             pairs = self._pairs(value.items(), path, depth)
-            attrs = vars(value)
-            encoded_attrs = self._dict(attrs, (*path, "__dict__"), depth) if attrs else None
+            encoded_attrs = self.encode_attrs(value, path, depth)
         finally:
-            self._active.discard(id(value))
+            self._leave(value, again)
         return [TAGS[Tag.ORDERED_DICT], encoded_attrs, *(x for pair in pairs for x in pair)]
+
+    def encode_attrs(self, value: Any, path: tuple[Any, ...], depth: int = 0) -> Any:
+        """The instance attributes of an ``OrderedDict`` (``_metadata``), or ``None`` when it has none.
+
+        Raises:
+            UnsupportedValueError: for an attribute that would shadow a method when read
+                back (``od.keys = ...``): readers refuse those (see :mod:`safeckpt.attrs`).
+        """
+        attrs = vars(value)
+        if not attrs:
+            return None
+        problem = check_attrs_for_save(type(value), attrs)
+        if problem is not None:
+            where = render_path(path)
+            raise UnsupportedValueError(
+                f"{where}: {problem}; the safe format stores only data attributes (such as _metadata)",
+                path_in_state=where,
+                value_type=type(value).__qualname__,
+            )
+        return self._dict(dict(attrs), (*path, "__dict__"), depth)
 
     # leaves -------------------------------------------------------------------
 
@@ -292,13 +343,13 @@ class Encoder:
                 path_in_state=where,
                 value_type=type(value).__qualname__,
             )
-        self._enter(value, path)
+        again = self._enter(value, path)
         try:
             items = list(list_items) if list_items is not None else None
             pairs = [x for pair in dict_items for x in pair] if dict_items is not None else None
             return self._object(ref, constructor, tuple(args), kwargs, state, items, pairs, path, depth)
         finally:
-            self._active.discard(id(value))
+            self._leave(value, again)
 
     def _object(
         self,

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CheckpointFormatError
 from ..tensors import INDEX_BOUND
+from ..text import segment, show
 
 __all__ = [
     "ATTR_NAME",
@@ -78,11 +79,11 @@ ATTR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 def render_path(path: tuple[Any, ...]) -> str:
     """``("a", 0)`` -> ``"state['a'][0]"``, the way errors name a value."""
-    return "state" + "".join(f"[{seg!r}]" for seg in path)
+    return "state" + "".join(f"[{show(seg)}]" for seg in path)
 
 
 def tensor_hint(prefix: str, path: tuple[Any, ...]) -> str:
-    name = "/".join([prefix, *(str(seg) for seg in path[1:])] if prefix else [str(seg) for seg in path[1:]])
+    name = "/".join([prefix, *(segment(seg) for seg in path[1:])] if prefix else [segment(seg) for seg in path[1:]])
     return (name or "tensor").encode("utf-8", "backslashreplace").decode("utf-8")
 
 

@@ -47,6 +47,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
 from ..storage import LocalStorage, is_url
 from ..tensors import check_dims
+from ..text import show
 from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
 from .tree import Slot, merge_tensors, split_tensors
 
@@ -234,7 +235,7 @@ def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -
     expected: dict[str, int] = {}
     for item in shards:
         if not (type(item) is list and len(item) == 2 and type(item[0]) is str and _SHARD_FILE.match(item[0]) and type(item[1]) is int):
-            raise _bad(root, f"malformed shard entry {item!r:.200}")
+            raise _bad(root, f"malformed shard entry {show(item, 200)}")
         if item[0] in expected:
             raise _bad(root, f"shard {item[0]!r} is listed twice")
         expected[item[0]] = item[1]
@@ -246,9 +247,9 @@ def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -
             type(item) is list and len(item) == 4 and type(item[0]) is tuple and _hashable(item[0]) and type(item[1]) is str
             and isinstance(item[2], torch.dtype) and type(item[3]) is list and all(type(n) is int and n >= 0 for n in item[3])
         ):
-            raise _bad(root, f"malformed tensor entry {item!r:.200}")
+            raise _bad(root, f"malformed tensor entry {show(item, 200)}")
         if item[0] in paths or item[1] in keys:
-            raise _bad(root, f"two tensor entries share the place {item[0]!r:.200} or the key {item[1]!r:.200}")
+            raise _bad(root, f"two tensor entries share the place {show(item[0], 200)} or the key {item[1]!r:.200}")
         paths.add(item[0])
         keys.add(item[1])
         check_dims(item[3], what=f"tensor {item[1]!r:.200}", limits=limits, file=str(meta))  # torch.zeros can make it

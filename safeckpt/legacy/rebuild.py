@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from ..attrs import set_data_attrs
 from ..codec import array_from_bytes
 from ..errors import CheckpointFormatError
 from ..limits import Limits
@@ -25,7 +26,7 @@ from ..refs import GlobalRef, OpaqueObject
 from ..tensors import ViewScope, dtype_name, view_tensor
 from .vm import make_pending
 
-__all__ = ["Rebuilder", "StorageRef", "StorageType"]
+__all__ = ["Rebuilder", "StorageRef", "StorageType", "swap_size"]
 
 _STORAGE_DTYPES = {
     "Double": torch.float64,
@@ -75,6 +76,15 @@ class StorageRef:
                 raise CheckpointFormatError(f"storage {self.key!r} holds {data.numel()} bytes, expected {self.nbytes}")
             self._data = data
         return self._data
+
+
+def swap_size(dtype: torch.dtype | None) -> int:
+    """The byte-swap unit of a storage of ``dtype`` in a big-endian archive, as ``torch.load`` swaps it:
+    each element, but each half of a complex one (real and imaginary parts stay in order); an
+    untyped storage (``dtype`` ``None``) is not swapped."""
+    if dtype is None:
+        return 1
+    return max(1, dtype.itemsize // 2) if dtype.is_complex else dtype.itemsize
 
 
 def _ints(value: Any, what: str) -> list[int]:
@@ -323,7 +333,11 @@ class Rebuilder:
         return np.frombuffer(raw, dtype=dtype, count=1)[0] if raw else dtype.type()
 
     def build(self, target: Any, state: Any) -> Any:
-        """BUILD on real values other than OrderedDict: numpy dtypes only."""
+        """BUILD on real values: attributes of an ``OrderedDict`` (data only, see :mod:`safeckpt.attrs`)
+        and numpy dtypes; ``None`` refuses."""
+        if type(target) is OrderedDict:
+            set_data_attrs(target, state, what="a BUILD on an OrderedDict")
+            return target
         if isinstance(target, np.dtype):
             return self.build_dtype(target, state)
         return None

@@ -32,8 +32,9 @@ from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
 from ..storage import open_file
 from ..limits import Limits, check_in_file
 from ..refs import GlobalRef
+from ..text import show
 from .archive import Archive, Member, open_archive
-from .rebuild import Rebuilder, StorageRef, StorageType
+from .rebuild import Rebuilder, StorageRef, StorageType, swap_size
 from .source import PickleSource
 from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code, script_state_dict
 from .vm import Report, SymbolicUnpickler, check_depth
@@ -123,10 +124,10 @@ class _Reader:
 
     def storage_pid(self, pid: Any) -> tuple[StorageType, str, str, int, Any]:
         if type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] != "storage":
-            raise CheckpointFormatError(f"{self.path}: persistent id {pid!r:.100} is not a torch storage")
+            raise CheckpointFormatError(f"{self.path}: persistent id {show(pid)} is not a torch storage")
         _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, StorageType) or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointFormatError(f"{self.path}: malformed storage reference {pid!r:.100}")
+            raise CheckpointFormatError(f"{self.path}: malformed storage reference {show(pid)}")
         return kind, key, location, numel, pid[5] if len(pid) == 6 else None
 
     def file_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
@@ -215,7 +216,7 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
             raise CheckpointFormatError(
                 f"{path}: storage {key!r:.50} holds {member.size} bytes, its reference says {nbytes}", file=path
             )
-        load = reader.meta_or(nbytes, lambda: member_bytes(member, _element_size(kind)))
+        load = reader.meta_or(nbytes, lambda: member_bytes(member, swap_size(kind.dtype)))
         storages[key] = StorageRef(key, kind.dtype, nbytes, load)
         return storages[key]
 

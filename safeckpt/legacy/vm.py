@@ -866,12 +866,6 @@ class SymbolicUnpickler(PickleSource):
                 self._pos,
             )
             return target
-        if type(target) is OrderedDict and type(state) is dict:
-            for name, value in state.items():
-                if type(name) is not str or not name.isidentifier() or name.startswith("__"):
-                    raise self._error(f"BUILD sets attribute {_short(name)} on an OrderedDict")
-                setattr(target, name, value)
-            return target
         torch = sys.modules.get("torch")  # no tensor exists unless torch was imported (scanning never imports it)
         if torch is not None and isinstance(target, torch.Tensor):
             if state:
