@@ -154,6 +154,36 @@ def fold_model_kwargs(state: Mapping[Any, Any]) -> dict[Any, Any]:
     return folded
 
 
+FOLDED_KEYS = ("seed", "sde_class", "sde_kwargs", "nn_handler_version", "pytorch_version")
+"""Top-level keys whose values the seed's folding copies into a saved ``model_kwargs``."""
+
+
+def _check_left_out(reporter: Reporter, state: Mapping[Any, Any], keys_to_save: Iterable[str] | None) -> None:
+    """Log the top-level keys a multi-file save leaves out; refuse a save that would keep none of them.
+
+    A key is kept when it is saved as a component, or folded into a saved ``model_kwargs``.
+    """
+    if not isinstance(state, Mapping) or isinstance(keys_to_save, str):
+        return  # refused with a clear error further on
+    keys = list(DEFAULT_KEYS if keys_to_save is None else keys_to_save)
+    folded = FOLDED_KEYS if "model_kwargs" in keys else ()
+    present = [k for k, v in state.items() if v is not None]
+    kept = [k for k in present if k in keys or k in folded]
+    left_out = [k for k in present if k not in kept]
+    if present and not kept:
+        message = (
+            f"Rank {reporter.rank}: none of the components {keys} is in the state, which has "
+            f"{[str(k) for k in present][:20]}; nothing would be saved. Pass keys_to_save (or convert the "
+            "whole state with safeckpt.convert)"
+        )
+        reporter.fail(ValueError(message), message)
+    if left_out:
+        reporter.warn(
+            f"Rank {reporter.rank}: not saved (not in keys_to_save {keys}): {[str(k) for k in left_out][:20]}"
+            + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else "")
+        )
+
+
 def _encode_components(state: Mapping[Any, Any], keys: list[str]) -> dict[str, Encoded]:
     return {
         key: encode_state({key: state[key]}, DEFAULT_LIMITS, dedupe=False, prefixed=False)
@@ -232,7 +262,8 @@ def save_multi_files(
         path: the base path; its parent directory is created if missing.
         keys_to_save: components to save (default ``model_state_dict``,
             ``optimizer_state_dict``, ``model_kwargs``); keys missing from the state
-            or whose value is ``None`` are skipped.
+            or whose value is ``None`` are skipped. The state's other keys (those
+            not folded into ``model_kwargs``) are named in a warning log line.
         format: ``"safe"``, ``"torch"`` (``torch.save`` per component, named
             ``{base}_{key}{ext}`` as the seed did, no manifest) or ``"auto"``.
         storage_options: for an fsspec URL, the filesystem's options.
@@ -241,11 +272,13 @@ def save_multi_files(
         ``{key: path}`` of the component files written.
 
     Raises:
-        ValueError: if a key is not a safe file-name fragment (before anything is written).
+        ValueError: if a key is not a safe file-name fragment, or the state holds none of
+            ``keys_to_save`` (nothing of it would be kept), before anything is written.
         UnsupportedValueError: with ``format="safe"``, naming the offending path.
         OSError: if a file cannot be written.
     """
     _check_format(format)
+    _check_left_out(Reporter(nn_handler), state, keys_to_save)
     if is_url(path):
         from . import remote
 
