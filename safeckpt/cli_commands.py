@@ -173,9 +173,9 @@ def _verify_steps(out: Out, path: Path, steps: list[Step], *, single: bool) -> i
             )
             out.line(f"OK step {r['step']} ({r.get('format')}): {plural(r['files'], 'file')}; {digests}")
         elif not r["complete"]:
-            (out.error if single else out.line)(f"INCOMPLETE {r['error']['message']} (restore ignores it)")
+            out.line(f"INCOMPLETE {r['error']['message']} (restore ignores it)")
         else:
-            out.error(f"FAILED step {r['step']}: {r['error']['message']}")
+            out.line(f"FAILED step {r['step']}: {r['error']['message']}")
     return code
 
 
@@ -194,7 +194,7 @@ def _verify_hf_index(out: Out, path: Path) -> int:
     )
     for shard, problem in problems.items():
         if problem:
-            out.error(f"{path.parent / shard}: {problem}")
+            out.line(f"FAILED {path.parent / shard}: {problem}")
     if code == EXIT_OK:
         out.line(
             f"OK {path} (Hugging Face shard index): {plural(len(problems), 'shard')} present with the "
@@ -219,7 +219,7 @@ def cmd_verify(out: Out, args: argparse.Namespace) -> int:
         out.document(
             {"ok": False, "path": str(path), "format": format_of(path), "digests": True, "error": error_fields(exc, path)}
         )
-        out.error(f"FAILED: {message(exc, path)}")
+        out.line(f"FAILED: {message(exc, path)}")
         return EXIT_FAILED
     code = EXIT_FAILED if args.require_digests and not fields["digests"] else EXIT_OK
     out.document({"ok": code == EXIT_OK, "path": str(path), **fields, "error": None})

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli_output import Out, collect_files, error_fields, human_bytes, plural
+from .cli_output import Out, collect_files, human_bytes, message, plural
 from .conversion import convert, default_destination
 from .detect import Kind, detect
 from .errors import SafeCkptError, UnsafeCheckpointError
@@ -191,9 +191,9 @@ def cmd_convert(out: Out, args: argparse.Namespace) -> int:
             try:
                 entry["outputs"] = _convert_one(src, dst, args, allowed)
             except UnsafeCheckpointError as exc:
-                entry.update(status="refused", globals=list(exc.globals), error=error_fields(exc, src))
+                entry.update(status="refused", globals=list(exc.globals), error=message(exc, src))
             except (SafeCkptError, OSError, ValueError, TypeError) as exc:
-                entry.update(status="error", error=error_fields(exc, src))
+                entry.update(status="error", error=message(exc, src))
             results.append(entry)
             bar.advance()
     counts = {s: sum(r["status"] == s for r in results) for s in ("converted", "refused", "error")}
@@ -216,7 +216,7 @@ def cmd_convert(out: Out, args: argparse.Namespace) -> int:
                 "nothing was written or executed"
             )
         else:
-            out.error(r["error"]["message"])
+            out.error(r["error"])
     if len(results) > 1:
         out.line(", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" of {plural(len(results), 'file')}")
     return code
