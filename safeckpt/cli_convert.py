@@ -156,6 +156,8 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed:
     if not src.is_file():
         raise FileNotFoundError(2, "No such file or directory", str(src))
     output = manifest_path(target) if args.multi else target
+    if not args.in_place and output.exists() and os.path.samefile(src, output):
+        raise FileExistsError(f"{output} is the source; pass --in-place to replace it with its conversion")
     if output.exists() and not args.in_place and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     written = convert(

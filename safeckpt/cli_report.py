@@ -467,7 +467,8 @@ def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
                     ckpt.get_tensor(name)
                     bar.advance(entries[name].nbytes)
         with Checkpoint(path) as ckpt:  # structure: every component decodes
-            components = len(ckpt.load())
+            loaded = ckpt.load()
+            components = len(loaded) if isinstance(loaded, Mapping) else 1  # a root that is not a dict: one value
         return {
             "format": fmt if kind is Kind.SAFETENSORS else "safeckpt-component",
             "digests": digests,

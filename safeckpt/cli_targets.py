@@ -75,7 +75,7 @@ def classify(path: Path) -> str | None:
         IsADirectoryError: for a directory that is neither a manager directory nor a step.
     """
     if path.is_dir():
-        if _STEP_DIR.match(path.name) and (path / MARKER).exists():
+        if _STEP_DIR.match(path.name):
             return STEP
         if step_dirs(path):
             return MANAGER
