@@ -84,7 +84,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
         UnsafeCheckpointError as UnsafeCheckpointError,
         UnsupportedValueError as UnsupportedValueError,
     )
-    from .legacy import ScanReport as ScanReport, scan as scan
+    from .legacy import ScanReport as ScanReport
+    from .legacy import scan as scan  # type: ignore[no-redef]
     from .limits import Limits as Limits
     from .loading import load as load, load_multi_files as load_multi_files, load_single_file as load_single_file
     from .loading import open as open

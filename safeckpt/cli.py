@@ -24,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import Any
 
 from . import __version__
 from .cli_output import JSON_SCHEMA_VERSION, Out, error_fields, message, print_error, terminal_text
@@ -156,13 +156,13 @@ SUBCOMMANDS: list[Subcommand] = [
 class _Parser(argparse.ArgumentParser):
     """argparse, with its messages (which echo arguments, such as hostile file names) escaped."""
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: Any = None) -> None:
         if message:
             (file or sys.stderr).write(terminal_text(message, keep_newlines=True))
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")

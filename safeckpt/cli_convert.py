@@ -134,11 +134,11 @@ def convert_plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[Path,
             else:
                 plan.append((src, into / default_destination(rel, multi=args.multi)))
     outputs: dict[Path, Path] = {}
-    for src, dst in plan:
-        out = _output_of(src, dst, args.multi)
-        if out in outputs and outputs[out] != src:
-            raise ValueError(f"{outputs[out]} and {src} would both be written to {out}; convert them separately")
-        outputs[out] = src
+    for source, destination in plan:
+        output = _output_of(source, destination, args.multi)
+        if output in outputs and outputs[output] != source:
+            raise ValueError(f"{outputs[output]} and {source} would both be written to {output}; convert them separately")
+        outputs[output] = source
     return plan
 
 

@@ -118,7 +118,7 @@ def encode_state(
         encoder.prefix = ROOT_VALUE_SEGMENT
         value = encoder.encode(state, (ROOT_VALUE_SEGMENT,))  # entry names root, root/0, root/1/a...
         entries = plan.finalize()
-        root = {"root": "value", "attrs": None, "components": [[pack(None), ROOT_VALUE_SEGMENT, pack(value)]]}
+        root: dict[str, Any] = {"root": "value", "attrs": None, "components": [[pack(None), ROOT_VALUE_SEGMENT, pack(value)]]}
         return Encoded(root, entries)
     if type(state) not in (dict, OrderedDict):
         raise UnsupportedValueError(
