@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import safetensors.torch
 import torch
 
@@ -225,3 +227,13 @@ def test_all_lists_exactly_the_public_names_and_each_resolves() -> None:
     with pytest.raises(AttributeError):
         safeckpt.no_such_name  # noqa: B018
     from safeckpt import Limits, load  # noqa: F401  # from-imports go through __getattr__ too
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF)))
+def test_terminal_text_output_is_always_printable(text: str) -> None:
+    shown = terminal_text(text)
+    assert shown.isprintable() and not BIDI & set(shown)
+    shown.encode("utf-8")  # raises if a lone surrogate survived
+    if text.isprintable():
+        assert shown == text  # printable text is shown as it is
