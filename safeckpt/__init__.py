@@ -7,14 +7,12 @@ The public names are imported on first use (module ``__getattr__``, PEP 562), so
 ``import safeckpt`` and ``safeckpt --help`` do not pay for ``import torch``.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it (``distributed`` is the subpackage itself, not in ``__all__``)
 _EXPORTS: dict[str, str] = {
     "Checkpoint": "checkpoint",
     "CheckpointFormatError": "errors",
@@ -59,7 +57,6 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "convert",
-    "distributed",
     "load",
     "load_multi_files",
     "load_single_file",
@@ -70,7 +67,7 @@ __all__ = [
     "scan",
 ]
 
-if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on first use
+if _typing.TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on first use
     from . import distributed as distributed
     from .checkpoint import Checkpoint as Checkpoint
     from .conversion import convert as convert
@@ -98,19 +95,19 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     """Import a public name (or a submodule, ``safeckpt.saving``...) the first time it is used."""
     module_name = _EXPORTS.get(name)
     if module_name is None:
         if name.startswith("_"):
             raise AttributeError(f"module 'safeckpt' has no attribute {name!r}")
         try:
-            return importlib.import_module(f"{__name__}.{name}")
+            return _importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:
             if exc.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module 'safeckpt' has no attribute {name!r}") from None
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    module = _importlib.import_module(f"{__name__}.{module_name}")
     value = module if name == "distributed" else getattr(module, name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

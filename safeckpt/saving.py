@@ -20,7 +20,7 @@ import torch
 
 from .container import Encoded, encode_state, skeleton_file_bytes, write_single
 from .errors import FallbackWarning, UnsupportedValueError
-from .handler import Reporter
+from .handler import Reporter, logger
 from .io import atomic_path, atomic_write
 from .limits import DEFAULT_LIMITS
 from .loading import load_single_file
@@ -178,7 +178,7 @@ def _check_left_out(reporter: Reporter, state: Mapping[Any, Any], keys_to_save: 
         )
         reporter.fail(ValueError(message), message)
     if left_out:
-        reporter.warn(
+        logger.warning(  # the logger only: nn_handler.log receives the seed's lines, unchanged
             f"Rank {reporter.rank}: not saved (not in keys_to_save {keys}): {[str(k) for k in left_out][:20]}"
             + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else "")
         )

@@ -212,7 +212,7 @@ def test_all_lists_exactly_the_public_names_and_each_resolves() -> None:
     expected = {
         "Checkpoint", "CheckpointFormatError", "CheckpointManager", "ComponentNotFoundError", "FallbackWarning",
         "GlobalRef", "IntegrityError", "LimitExceededError", "Limits", "OpaqueObject", "SafeCkptError", "ScanReport",
-        "UnsafeCheckpointError", "UnsupportedValueError", "__version__", "convert", "distributed", "load",
+        "UnsafeCheckpointError", "UnsupportedValueError", "__version__", "convert", "load",
         "load_multi_files", "load_single_file", "open", "save_multi_files", "save_multi_from_single",
         "save_single_file", "scan",
     }  # fmt: skip
