@@ -341,8 +341,9 @@ class Checkpoint:
         _, _, value = self._root.components[self._index(component)]
         return self._decoder().unpack(value, f"component {show(component)}")
 
-    def load(self) -> dict[Any, Any]:
-        """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors).
+    def load(self) -> Any:
+        """The whole state, with the types it was saved with (a plain safetensors file gives a dict of tensors;
+        a file written from a root that is not a dict gives that value back).
 
         On remote storage the data section is fetched in one request.
         """
@@ -354,10 +355,12 @@ class Checkpoint:
                 self._data = None
         return self._load()
 
-    def _load(self) -> dict[Any, Any]:
+    def _load(self) -> Any:
         if self._root is None:
             return {name: self.get_tensor(name) for name in self._header.entries}
         decoder = self._decoder()
+        if self._root.kind == "value":  # a root that is not a dict (FORMAT.md section 2)
+            return decoder.unpack(self._root.components[0][2], "the root value")
         state: dict[Any, Any] = OrderedDict() if self._root.kind == "ordered_dict" else {}
         for name, (_, _, value) in zip(self.components(), self._root.components):
             if name in state:

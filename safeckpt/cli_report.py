@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .cli_output import Progress, collect_files, human_bytes, plural
 from .container import read_header
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, IntegrityError, LimitExceededError
@@ -62,23 +61,6 @@ TORCH_KINDS = (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
 
 
 # --------------------------------------------------------------------------- small formatting helpers
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``"1.5 KiB"``; exact bytes under 1 KiB."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def plural(n: int, noun: str) -> str:
-    """``(1, "key")`` -> ``"1 key"``, ``(3, "key")`` -> ``"3 keys"``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def shape_text(shape: tuple[int, ...] | torch.Size) -> str:
@@ -488,19 +470,6 @@ def format_of(path: Path) -> str:
     return "safeckpt-component" if kind is Kind.SKELETON else kind.value
 
 
-def collect_files(paths: Sequence[str], recursive: bool, wanted: Callable[[Path], bool]) -> list[Path]:
-    """Files named on the command line, with directories replaced by the files in them that ``wanted`` accepts."""
-    found: list[Path] = []
-    for name in paths:
-        p = Path(name)
-        if p.is_dir():
-            inside = sorted(p.rglob("*") if recursive else p.iterdir())
-            found.extend(f for f in inside if f.is_file() and not f.name.startswith(".") and wanted(f))
-        else:
-            found.append(p)
-    return found
-
-
 def component_keys(path: Path) -> list[Any]:
     """The top-level keys of a single file (safe or legacy), reading no tensor bytes."""
     kind = detect(path)
@@ -567,7 +536,8 @@ def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
                     ckpt.get_tensor(name)
                     bar.advance(entries[name].nbytes)
         with Checkpoint(path) as ckpt:  # structure: every component decodes
-            components = len(ckpt.load())
+            loaded = ckpt.load()
+            components = len(loaded) if isinstance(loaded, Mapping) else 1  # a root that is not a dict: one value
         return {
             "format": fmt if kind is Kind.SAFETENSORS else "safeckpt-component",
             "digests": digests,
@@ -582,85 +552,3 @@ def verify_file(path: Path, progress: ProgressFactory) -> dict[str, Any]:
         "components": len(state) if isinstance(state, Mapping) else 1,
         "tensors": count_tensors(state),
     }
-
-
-# --------------------------------------------------------------------------- progress bar
-
-
-class Progress:
-    """A one-line progress bar on a terminal, shown only for work that lasts over ``delay`` seconds.
-
-    It writes ``\\r`` updates to ``stream`` (stderr by default) and only when that
-    stream is a TTY and ``enabled`` is true; it erases itself when closed.
-
-    Args:
-        label: what is being done.
-        total: units of work (``0`` when unknown).
-        enabled: false with ``--quiet``.
-        unit: ``"bytes"`` to show sizes, anything else to show counts.
-        stream: where to draw (default ``sys.stderr`` at construction time).
-        delay: seconds before the bar first appears.
-    """
-
-    WIDTH = 24
-
-    def __init__(
-        self,
-        label: str,
-        total: int,
-        *,
-        enabled: bool = True,
-        unit: str = "",
-        stream: TextIO | None = None,
-        delay: float = 1.0,
-    ) -> None:
-        self.stream = sys.stderr if stream is None else stream
-        self.label = label
-        self.total = total
-        self.unit = unit
-        self.done = 0
-        self.delay = delay
-        isatty = getattr(self.stream, "isatty", None)
-        self.enabled = enabled and callable(isatty) and bool(isatty())
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._drawn = False
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def advance(self, n: int = 1) -> None:
-        """Record ``n`` more units done and redraw (at most ten times a second)."""
-        self.done += n
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._start < self.delay or (self._drawn and now - self._last < 0.1 and self.done < self.total):
-            return
-        self._last = now
-        self._draw()
-
-    def _count(self, n: int) -> str:
-        return human_bytes(n) if self.unit == "bytes" else str(n)
-
-    def _draw(self) -> None:
-        if self.total > 0:
-            frac = min(1.0, self.done / self.total)
-            filled = int(frac * self.WIDTH)
-            bar = "#" * filled + "." * (self.WIDTH - filled)
-            text = f"{self.label} [{bar}] {frac * 100:3.0f}% {self._count(self.done)}/{self._count(self.total)}"
-        else:
-            text = f"{self.label} {self._count(self.done)}"
-        self.stream.write("\r" + text[:120])
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        """Erase the bar, if it was drawn."""
-        if self._drawn:
-            self.stream.write("\r" + " " * 120 + "\r")
-            self.stream.flush()
-            self._drawn = False

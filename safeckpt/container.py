@@ -95,19 +95,35 @@ def _segment(key: Any) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def encode_state(state: Mapping[Any, Any], limits: Limits, *, dedupe: bool = True, prefixed: bool = True) -> Encoded:
+ROOT_VALUE_SEGMENT = "root"  # the entry-name prefix of a root that is not a dict (FORMAT.md section 2)
+
+
+def encode_state(
+    state: Any, limits: Limits, *, dedupe: bool = True, prefixed: bool = True, any_root: bool = False
+) -> Encoded:
     """Encode a state dict into a skeleton root and tensor entries.
 
     Args:
-        state: a ``dict`` or ``OrderedDict``; it is only read.
+        state: a ``dict`` or ``OrderedDict`` (with ``any_root``, any value the
+            format holds); it is only read.
         limits: ``max_depth`` applies to what is saved.
         dedupe: store tied tensors once (see :class:`TensorPlan`).
         prefixed: name tensors ``<component>/<path>``; ``False`` names them by the
             path inside their component (multi-file components).
+        any_root: store a root that is not a dict (a tensor, a list, an object)
+            as root kind ``"value"``: one component whose value is the root.
 
     Raises:
         UnsupportedValueError: naming the path of a value the format cannot hold.
     """
+    if any_root and type(state) not in (dict, OrderedDict):
+        plan = TensorPlan(NameAllocator(), dedupe=dedupe)
+        encoder = Encoder(plan, limits)
+        encoder.prefix = ROOT_VALUE_SEGMENT
+        value = encoder.encode(state, (ROOT_VALUE_SEGMENT,))  # entry names root, root/0, root/1/a...
+        entries = plan.finalize()
+        root: dict[str, Any] = {"root": "value", "attrs": None, "components": [[pack(None), ROOT_VALUE_SEGMENT, pack(value)]]}
+        return Encoded(root, entries)
     if type(state) not in (dict, OrderedDict):
         raise UnsupportedValueError(
             f"a checkpoint state must be a dict or OrderedDict, not {type(state).__qualname__}",
@@ -402,7 +418,7 @@ def _tensor_info(path: str, name: str, spec: Any, limits: Limits, data_size: int
 class Root:
     """The decoded top level of a skeleton: components still packed, decoded one at a time."""
 
-    kind: str  # "dict" | "ordered_dict"
+    kind: str  # "dict" | "ordered_dict" | "value" (the state is its one component's value)
     attrs: bytes | None
     components: list[tuple[bytes, str, bytes]] = field(default_factory=list)
     component: str | None = None  # a skeleton file's recorded component key
@@ -457,7 +473,7 @@ def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = Fals
         )
     except Exception as exc:
         raise _bad(path, f"skeleton root is corrupt: {type(exc).__name__}: {exc}") from exc
-    if type(root) is not dict or root.get("root") not in ("dict", "ordered_dict"):
+    if type(root) is not dict or root.get("root") not in ("dict", "ordered_dict", "value"):
         raise _bad(path, "skeleton root is malformed")
     if standalone:
         version = root.get("format_version")
@@ -480,4 +496,6 @@ def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = Fals
         ):
             raise _bad(path, "skeleton component is malformed")
         parsed.append((item[0], item[1], item[2]))
+    if root["root"] == "value" and (len(parsed) != 1 or attrs is not None):
+        raise _bad(path, "a skeleton whose root is a value must hold exactly one component and no attributes")
     return Root(root["root"], attrs, parsed, component if standalone else None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnsupportedValueError
-from .handler import Reporter
+from .handler import Reporter, logger
 from .loading import load_single_file
 from .multifile import DEFAULT_KEYS, MANIFEST_SUFFIX, check_keys, split_base
 from .refs import GlobalRef
@@ -22,6 +22,36 @@ from .storage import is_url, locate, display_path
 from .writer import FORMATS, check_format, plan_multi, plan_single, write_files, write_set
 
 __all__ = ["FORMATS", "fold_model_kwargs", "save_multi_files", "save_multi_from_single", "save_single_file"]
+
+
+FOLDED_KEYS = ("seed", "sde_class", "sde_kwargs", "nn_handler_version", "pytorch_version")
+"""Top-level keys whose values the seed's folding copies into a saved ``model_kwargs``."""
+
+
+def _check_left_out(reporter: Reporter, state: Mapping[Any, Any], keys_to_save: Iterable[str] | None) -> None:
+    """Log the top-level keys a multi-file save leaves out; refuse a save that would keep none of them.
+
+    A key is kept when it is saved as a component, or folded into a saved ``model_kwargs``.
+    """
+    if not isinstance(state, Mapping) or isinstance(keys_to_save, str):
+        return  # refused with a clear error further on
+    keys = list(DEFAULT_KEYS if keys_to_save is None else keys_to_save)
+    folded = FOLDED_KEYS if "model_kwargs" in keys else ()
+    present = [k for k, v in state.items() if v is not None]
+    kept = [k for k in present if k in keys or k in folded]
+    left_out = [k for k in present if k not in kept]
+    if present and not kept:
+        message = (
+            f"Rank {reporter.rank}: none of the components {keys} is in the state, which has "
+            f"{[str(k) for k in present][:20]}; nothing would be saved. Pass keys_to_save (or convert the "
+            "whole state with safeckpt.convert)"
+        )
+        reporter.fail(ValueError(message), message)
+    if left_out:
+        logger.warning(  # the logger only: nn_handler.log receives the seed's lines, unchanged
+            f"Rank {reporter.rank}: not saved (not in keys_to_save {keys}): {[str(k) for k in left_out][:20]}"
+            + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else "")
+        )
 
 
 def _returned(path: str | os.PathLike[str], written: str) -> Any:
@@ -162,6 +192,7 @@ def save_multi_files(
     check_format(format)
     reporter = Reporter(nn_handler)
     shown = display_path(path)
+    _check_left_out(reporter, state, keys_to_save)
     try:
         written = _write_multi(state, path, keys_to_save, format, storage_options)
     except Exception as exc:

@@ -22,9 +22,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("codec", ("codec", "container", "legacy")),
     ("layouts", ("multifile", "snapshot")),
     ("reader/writer", ("checkpoint", "reader", "writer")),
-    ("API", ("loading", "saving", "convert", "remote", "signing")),
+    ("API", ("loading", "saving", "conversion", "remote", "signing", "hf")),
     ("manager/distributed", ("manager", "steps", "distributed")),
-    ("CLI", ("cli", "cli_report", "cli_diff", "__main__")),
+    ("CLI", ("cli", "cli_output", "cli_targets", "cli_commands", "cli_convert", "cli_scan", "cli_integrations", "cli_report", "cli_diff", "__main__")),
 ]
 MAX_LINES = 420  # "about 400": a module over this is split by responsibility
 # Modules still over it, each with the size it may not grow past until it is split.

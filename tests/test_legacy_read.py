@@ -498,7 +498,10 @@ def test_convert_realistic_to_single_file(legacy: Legacy, tmp_path: Path, fmt: s
 def test_convert_realistic_to_multi_files(legacy: Legacy, tmp_path: Path, fmt: str) -> None:
     src = legacy.paths[f"realistic_{fmt}"]
     base = tmp_path / "set" / "m.pth"
-    written = safeckpt.convert(src, base, multi=True)
+    everything = safeckpt.convert(src, tmp_path / "all" / "m.pth", multi=True)  # the default keeps every component
+    assert isinstance(everything, dict) and set(everything) == set(safeckpt.load(src))
+    keys = ["model_state_dict", "optimizer_state_dict", "model_kwargs"]
+    written = safeckpt.convert(src, base, multi=True, keys_to_save=keys)
     assert isinstance(written, dict)
     assert sorted(written) == ["model_kwargs", "model_state_dict", "optimizer_state_dict"]
     assert all(Path(p).is_file() and Path(p).parent == base.parent for p in written.values())

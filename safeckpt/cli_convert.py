@@ -1,0 +1,224 @@
+"""``safeckpt convert``: which files to write, where, and never over a checkpoint the user did not name as output.
+
+Rules:
+
+- ``convert SRC`` writes ``SRC`` with ``.safetensors`` (``--multi``: a set based at ``SRC``).
+- ``convert SRC DST`` writes ``DST``, unless ``DST`` is itself a ``torch.save``
+  checkpoint: then it is a second source (what ``convert *.pth`` with two
+  matches means), converted next to itself, never overwritten.
+- Several sources go to ``--out-dir DIR`` (or a trailing existing directory),
+  or each next to itself; a directory source is searched for ``torch.save`` files.
+- A destination that is the source needs ``--in-place``; an existing output needs ``--overwrite``.
+- ``--allow-global module:qualname`` names are imported with the working
+  directory first on ``sys.path`` (as ``python -m`` does), from the console
+  script and ``python -m safeckpt`` alike; names that cannot be imported are
+  reported on stderr and left inert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .cli_output import Out, collect_files, human_bytes, message, plural
+from .conversion import convert, default_destination
+from .detect import Kind, detect
+from .errors import SafeCkptError, UnsafeCheckpointError
+from .multifile import manifest_path
+
+__all__ = ["cmd_convert", "convert_plan", "resolve_globals"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TORCH_KINDS = (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
+
+
+# --------------------------------------------------------------------------- --allow-global
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The working directory first on ``sys.path`` while the user's modules are imported, as ``python -m`` has it."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def resolve_globals(names: list[str]) -> tuple[list[Any], list[str]]:
+    """Import ``module:qualname`` names; returns ``(objects, problems)``, one problem line per name not found."""
+    found: list[Any] = []
+    problems: list[str] = []
+    with _cwd_on_path():
+        for name in names:
+            module_name, sep, qualname = name.partition(":")
+            if not sep or not module_name or not qualname:
+                problems.append(f"--allow-global {name}: not of the form module:qualname; ignored")
+                continue
+            try:
+                value: Any = importlib.import_module(module_name)
+            except ImportError as exc:
+                problems.append(f"--allow-global {name}: module {module_name!r} not found ({exc}); ignored")
+                continue
+            try:
+                for part in qualname.split("."):
+                    value = getattr(value, part)
+            except AttributeError:
+                problems.append(f"--allow-global {name}: {module_name} has no {qualname!r}; ignored")
+                continue
+            found.append(value)
+    return found, problems
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _is_torch_file(p: Path) -> bool:
+    try:
+        return p.is_file() and detect(p) in TORCH_KINDS
+    except OSError:
+        return False
+
+
+def convert_plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[Path, Path | None]]:
+    """``(source, destination)`` pairs (``None``: the default next to the source); see the module docstring.
+
+    Args:
+        notes: lines for stderr about how the arguments were read.
+
+    Raises:
+        ValueError: for contradictory arguments or two sources with one output.
+    """
+    paths = [Path(p) for p in args.paths]
+    into: Path | None = Path(args.out_dir) if args.out_dir else None
+    if into is None and len(paths) == 2 and not paths[0].is_dir():
+        dst = paths[1]
+        if _is_torch_file(dst):
+            notes.append(
+                f"{dst} is itself a torch.save checkpoint: converting it as a second source, not writing over it "
+                "(name an output with --out-dir DIR or a new file name)"
+            )
+        elif not (dst.is_dir() or args.paths[1].endswith(("/", os.sep))):
+            if args.in_place:
+                raise ValueError("--in-place converts each source into itself: name no destination")
+            return [(paths[0], dst)]
+    if into is None and len(paths) >= 2 and (paths[-1].is_dir() or args.paths[-1].endswith(("/", os.sep))):
+        into = paths.pop()
+    if args.in_place and into is not None:
+        raise ValueError("--in-place converts each source into itself: it takes no --out-dir or destination")
+    plan: list[tuple[Path, Path | None]] = []
+    for p in paths:
+        if p.is_dir():
+            files = collect_files([str(p)], args.recursive, _is_torch_file)
+            if not files:
+                raise ValueError(f"no torch.save files in {p}")
+            pairs = [(f, f.relative_to(p)) for f in files]
+        else:
+            pairs = [(p, Path(p.name))]
+        for src, rel in pairs:
+            if args.in_place:
+                plan.append((src, src))
+            elif into is None:
+                plan.append((src, None))
+            else:
+                plan.append((src, into / default_destination(rel, multi=args.multi)))
+    outputs: dict[Path, Path] = {}
+    for source, destination in plan:
+        output = _output_of(source, destination, args.multi)
+        if output in outputs and outputs[output] != source:
+            raise ValueError(f"{outputs[output]} and {source} would both be written to {output}; convert them separately")
+        outputs[output] = source
+    return plan
+
+
+def _output_of(src: Path, dst: Path | None, multi: bool) -> Path:
+    target = dst if dst is not None else default_destination(src, multi=multi)
+    return (manifest_path(target) if multi else target).absolute()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed: list[Any]) -> list[str]:
+    """Convert ``src`` to ``dst``; returns the files written."""
+    target = dst if dst is not None else default_destination(src, multi=args.multi)
+    if not src.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(src))
+    output = manifest_path(target) if args.multi else target
+    if not args.in_place and output.exists() and os.path.samefile(src, output):
+        raise FileExistsError(f"{output} is the source; pass --in-place to replace it with its conversion")
+    if output.exists() and not args.in_place and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    written = convert(
+        src,
+        target,
+        multi=args.multi,
+        keys_to_save=args.keys,
+        allowed_globals=allowed,
+        in_place=args.in_place,
+    )
+    if isinstance(written, dict):
+        return [str(p) for p in written.values()] + [str(output)]
+    return [str(written)]
+
+
+def cmd_convert(out: Out, args: argparse.Namespace) -> int:
+    """``safeckpt convert``."""
+    if args.keys and not args.multi:
+        raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
+    if args.in_place and args.multi:
+        raise ValueError("--in-place replaces a file with its single-file conversion: it cannot be combined with --multi")
+    notes: list[str] = []
+    plan = convert_plan(args, notes)
+    for note in notes:
+        out.warning(note)
+    allowed, problems = resolve_globals(list(args.allow_global))
+    for problem in problems:
+        out.warning(problem)
+    results: list[dict[str, Any]] = []
+    with out.progress("converting", len(plan)) as bar:
+        for src, dst in plan:
+            entry: dict[str, Any] = {"source": str(src), "status": "converted", "outputs": [], "globals": [], "error": None}
+            try:
+                entry["outputs"] = _convert_one(src, dst, args, allowed)
+            except UnsafeCheckpointError as exc:
+                entry.update(status="refused", globals=list(exc.globals), error=message(exc, src))
+            except (SafeCkptError, OSError, ValueError, TypeError) as exc:
+                entry.update(status="error", error=message(exc, src))
+            results.append(entry)
+            bar.advance()
+    counts = {s: sum(r["status"] == s for r in results) for s in ("converted", "refused", "error")}
+    code = EXIT_FAILED if counts["refused"] else EXIT_USAGE if counts["error"] else EXIT_OK
+    out.document(
+        {
+            "ok": code == EXIT_OK,
+            "results": results,
+            "summary": counts,
+            "unresolved_globals": problems,
+        }
+    )
+    for r in results:
+        if r["status"] == "converted":
+            size = sum(Path(p).stat().st_size for p in r["outputs"])
+            out.line(f"converted {r['source']} -> {', '.join(r['outputs'])} ({human_bytes(size)})")
+        elif r["status"] == "refused":
+            out.line(
+                f"REFUSED {r['source']}: dangerous globals {', '.join(r['globals']) or '(none named)'}; "
+                "nothing was written or executed"
+            )
+        else:
+            out.error(r["error"])
+    if len(results) > 1:
+        out.line(", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" of {plural(len(results), 'file')}")
+    return code
