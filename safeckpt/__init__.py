@@ -16,6 +16,7 @@ from .errors import (
     IntegrityError,
     LimitExceededError,
     SafeCkptError,
+    SignatureError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "OpaqueObject",
     "SafeCkptError",
     "ScanReport",
+    "SignatureError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "__version__",

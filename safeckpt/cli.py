@@ -37,6 +37,7 @@ from .cli_report import (
     verify_file,
     view_file,
 )
+from .cli_integrations import add_hf_options, add_sign_command, add_signature_options, cmd_convert_hf, cmd_verify_signature
 from .convert import convert
 from .detect import Kind, detect
 from .errors import IntegrityError, SafeCkptError, UnsafeCheckpointError
@@ -260,6 +261,8 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace) -> list[
 
 
 def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
+    if args.hf:
+        return cmd_convert_hf(out, args)
     if args.keys and not args.multi:
         raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
     plan = _convert_plan(args)
@@ -304,6 +307,8 @@ def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(out: _Out, args: argparse.Namespace) -> int:
+    if args.signature or args.public_key:
+        return cmd_verify_signature(out, args)
     path = Path(args.path)
     try:
         fields = verify_file(path, out.progress)
@@ -489,6 +494,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-r", "--recursive", action="store_true", help="also convert files in subdirectories")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_hf_options(p)
 
     p = command("scan", cmd_scan, "report the globals a checkpoint names and its verdict; exit 1 if any is dangerous")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
@@ -497,6 +503,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("verify", cmd_verify, "recompute the recorded SHA-256 digests and decode the whole structure")
     p.add_argument("path", help="a safeckpt file or multi-file set (others are checked for structure only)")
     p.add_argument("--require-digests", action="store_true", help="exit 1 when the file records no digests")
+    add_signature_options(p)
+    add_sign_command(command)
 
     p = command("split", cmd_split, "split a single-file checkpoint into a multi-file set next to it")
     p.add_argument("path", help="the single file")

@@ -20,6 +20,7 @@ from .legacy import read_torch_file
 from .limits import DEFAULT_LIMITS, Limits
 from .multifile import check_entry, discover, find_manifest, manifest_path, read_manifest, split_base
 from .refs import AllowList, resolve_allowed
+from .signing import verified_copy
 from .urls import is_url
 
 __all__ = ["load", "load_multi_files", "load_single_file", "open"]
@@ -236,13 +237,26 @@ def _load_component(file: Path, key: str, options: dict[str, Any]) -> Any:
     raise CheckpointFormatError(f"{file} does not hold component {key!r}", file=str(file))
 
 
-def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    signature: str | os.PathLike[str] | None = None,
+    public_key: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Load any checkpoint safeckpt reads, detecting its format from its bytes.
 
     ``path`` may be a safeckpt single file, a plain safetensors file, a
     ``torch.save`` file (see ``trust_pickle``), a multi-file manifest, or the base
     path of a multi-file set. Takes the keyword arguments of :func:`load_single_file`.
+    With ``signature`` (a ``model_signing`` signature) and ``public_key``, the signed
+    files are verified first and only that verified copy is parsed (see :mod:`safeckpt.signing`).
     """
+    if signature is not None or public_key is not None:  # signing hook: verify, then load the verified copy
+        if signature is None or public_key is None or is_url(path):
+            raise ValueError("a signed load takes a local path, signature= and public_key= together")
+        with verified_copy(path, signature, public_key=public_key) as private:
+            return load(private, **kwargs)
     if is_url(path):
         from . import remote
 
