@@ -12,6 +12,8 @@ Creates ``OUTDIR/<harness>/`` for each harness of ``targets.TARGETS``:
   component files (see ``targets.manifest``);
 - ``sharded``: mode byte + the shard file of a fixed sharded checkpoint (valid and with
   broken chunk placements), mode byte + its index (see ``targets.sharded``);
+- ``integrations``: mode byte + a model_signing signature of a fixed signed directory,
+  a Hugging Face weight index or legacy weight file (see ``targets_integrations``);
 - ``legacy`` and ``scan``: torch.save zip files, ``_use_new_zipfile_serialization=False``
   files, bare pickles of protocols 0-5, malicious pickles (os.system and friends via
   ``__reduce__``, built by pickling, never executed), plus for ``scan`` the safe formats.
@@ -45,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import targets_integrations
 
 import safeckpt
 from safeckpt.container import encode_state, parse_root, skeleton_file_bytes
@@ -261,6 +264,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "legacy": legacy,
         "scan": legacy + safe[:2] + components,
         "sharded": list(_sharded_seeds(tmp)),
+        "integrations": list(targets_integrations.seeds()),
     }
 
 
@@ -287,7 +291,7 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--harness", action="append", choices=sorted(targets.TARGETS), help="only these (repeatable)")
+    parser.add_argument("--harness", action="append", choices=sorted([*targets.TARGETS, "integrations"]), help="only these (repeatable)")
     args = parser.parse_args(argv)
     for harness, count in write_corpus(args.outdir, args.harness).items():
         print(f"{harness}: {count} seeds in {args.outdir / harness}")

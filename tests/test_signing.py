@@ -287,3 +287,20 @@ def test_cli_sign_requires_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ckpt = safeckpt.save_single_file(None, state(), tmp_path / "ckpt.safetensors")
     assert main(["sign", str(ckpt)]) == 2
     assert "--key" in capsys.readouterr().err
+
+
+def test_integrations_fuzz_seeds_replay_cleanly() -> None:
+    """The seeds of fuzz/fuzz_integrations.py go through its target (only SafeCkptError is expected inside)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "fuzz" / "targets_integrations.py"
+    spec = importlib.util.spec_from_file_location("safeckpt_fuzz_targets_integrations", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    seeds = list(module.seeds())
+    assert len(seeds) == 4
+    for _name, data in seeds:
+        module.integrations(data)
