@@ -162,6 +162,55 @@ def test_the_verified_copy_is_what_is_loaded(tmp_path: Path, keys: tuple[Path, P
     assert_state(safeckpt.load(ckpt, signature=sig, public_key=public))
 
 
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a code-signing leaf certificate: (leaf key, leaf certificate, CA certificate)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key: Any, issuer_key: Any, ca: bool) -> x509.Certificate:
+        usage = dict.fromkeys(["digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+                               "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"], False)
+        usage.update(key_cert_sign=ca, crl_sign=ca, digital_signature=not ca)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(**usage), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = folder / "leaf.key", folder / "leaf.pem", folder / "ca.pem"
+    paths[0].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    paths[1].write_bytes(cert("signer", leaf_key, ca_key, False).public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(cert("test-ca", ca_key, ca_key, True).public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_certificate_signing_both_directions(tmp_path: Path) -> None:
+    leaf_key, leaf, ca = make_certificates(tmp_path)
+    ckpt = safeckpt.save_single_file(None, state(), tmp_path / "run" / "ckpt.safetensors")
+    sig = sign(ckpt, private_key=leaf_key, certificate=leaf, certificate_chain=[ca])
+    model_signing.verifying.Config().use_certificate_verifier(certificate_chain=[ca]).verify(ckpt, sig)
+    assert verify_signature(ckpt, sig, certificate_chain=[ca]) == ["."]
+    (tmp_path / "other").mkdir()
+    other_ca = make_certificates(tmp_path / "other")[2]
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_signature(ckpt, sig, certificate_chain=[other_ca])
+    flip_last_byte(ckpt)
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_signature(ckpt, sig, certificate_chain=[ca])
+
+
 # --------------------------------------------------------------------------- multi-file sets
 
 
