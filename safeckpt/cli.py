@@ -307,7 +307,7 @@ def cmd_convert(out: _Out, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(out: _Out, args: argparse.Namespace) -> int:
-    if args.signature or args.public_key:
+    if args.signature or args.public_key or args.certificate_chain or args.identity:
         return cmd_verify_signature(out, args)
     path = Path(args.path)
     try:

@@ -94,6 +94,8 @@ def add_signature_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_verify_signature(out: Any, args: argparse.Namespace) -> int:
     """``safeckpt verify PATH --signature SIG --public-key PUB``."""
+    if not args.signature:
+        raise ValueError("--public-key, --certificate-chain and --identity verify a signature: pass --signature SIG")
     try:
         names = verify_signature(args.path, args.signature, public_key=args.public_key,
                                  certificate_chain=args.certificate_chain, identity=args.identity,

@@ -274,8 +274,9 @@ def convert_folder(
 
 
 def _copy_others(source: Path, target: Path, skip: set[str]) -> None:
+    inside = target.resolve()
     for entry in sorted(source.iterdir()):
-        if entry.name in skip:
+        if entry.name in skip or inside.is_relative_to(entry.resolve()):  # a DST_DIR inside SRC_DIR is not copied
             continue
         if entry.is_symlink():
             logger.warning("%s is a symlink: not copied", entry)

@@ -146,6 +146,18 @@ def test_max_shard_size_resplits(tmp_path: Path) -> None:
     assert torch.equal(logits(loaded), logits(model))
 
 
+def test_destination_inside_the_source(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    src = legacy_folder(model, tmp_path / "m")
+    (src / "tokenizer").mkdir()
+    (src / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    convert_folder(src, src / "safe")
+    assert sorted(p.name for p in (src / "safe").iterdir()) == ["config.json", "model.safetensors", "tokenizer",
+                                                                "tokenizer_config.json"]
+    assert (src / "safe" / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
+    assert torch.equal(logits(transformers.GPT2LMHeadModel.from_pretrained(src / "safe").eval()), logits(model))
+
+
 def test_parse_size() -> None:
     assert parse_size("5GB") == 5_000_000_000
     assert parse_size("500MiB") == 500 << 20

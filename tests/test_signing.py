@@ -332,10 +332,13 @@ def test_malformed_signature_files(tmp_path: Path, keys: tuple[Path, Path], junk
         safeckpt.load(ckpt, signature=tmp_path / "junk.sig", public_key=public)
 
 
-def test_cli_sign_requires_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_sign_requires_a_key(tmp_path: Path, keys: tuple[Path, Path],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = safeckpt.save_single_file(None, state(), tmp_path / "ckpt.safetensors")
     assert main(["sign", str(ckpt)]) == 2
     assert "--key" in capsys.readouterr().err
+    assert main(["verify", str(ckpt), "--public-key", str(keys[1])]) == 2
+    assert "pass --signature" in capsys.readouterr().err
 
 
 def test_integrations_fuzz_seeds_replay_cleanly() -> None:
