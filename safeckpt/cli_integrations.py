@@ -3,6 +3,11 @@
 :mod:`safeckpt.cli` registers these with a few lines; the commands write through its
 output object (``line``/``document``) and return its exit codes (0 ok, 1 a signature
 that does not verify, 2 usage or format error).
+
+Start-up: importing this module imports neither torch nor ``model_signing``; each
+command imports what it runs (:mod:`safeckpt.hf`, :mod:`safeckpt.signing`) when it runs,
+so ``safeckpt --help`` stays fast. The argument adders (``add_hf_options``,
+``sign_arguments``, ``add_signature_options``) fit a table of lazily run subcommands.
 """
 
 from __future__ import annotations
@@ -12,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SignatureError
-from .hf import convert_folder
-from .signing import sign, verify_signature
 
 __all__ = ["add_hf_options", "add_sign_command", "add_signature_options", "cmd_convert_hf", "cmd_sign",
-           "cmd_verify_signature"]
+           "cmd_verify_signature", "sign_arguments"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -43,6 +46,8 @@ def add_hf_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_convert_hf(out: Any, args: argparse.Namespace) -> int:
     """``safeckpt convert --hf SRC_DIR [DST_DIR]``."""
+    from .hf import convert_folder  # torch, only when the command runs
+
     if len(args.paths) > 2:
         raise ValueError("--hf takes SRC_DIR [DST_DIR]")
     src = Path(args.paths[0])
@@ -59,9 +64,16 @@ def cmd_convert_hf(out: Any, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sign, verify --signature
 
 
+SIGN_HELP = "sign a checkpoint (file, multi-file set or directory) with model_signing"
+
+
 def add_sign_command(command: Any) -> None:
     """Register ``sign`` through ``cli``'s ``command(name, func, help)`` factory."""
-    p = command("sign", cmd_sign, "sign a checkpoint (file, multi-file set or directory) with model_signing")
+    sign_arguments(command("sign", cmd_sign, SIGN_HELP))
+
+
+def sign_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``safeckpt sign``."""
     p.add_argument("path", help="a checkpoint file, a multi-file set (base path or manifest), or a directory")
     p.add_argument("--key", metavar="PEM", help="elliptic-curve private key (offline signing)")
     p.add_argument("--password", help="the private key's password, if it is encrypted")
@@ -73,6 +85,8 @@ def add_sign_command(command: Any) -> None:
 
 def cmd_sign(out: Any, args: argparse.Namespace) -> int:
     """``safeckpt sign PATH --key KEY``."""
+    from .signing import sign  # torch and model_signing, only when the command runs
+
     if not args.key and not args.sigstore:
         raise ValueError("pass --key PEM (offline) or --sigstore")
     sig = sign(args.path, args.signature, private_key=args.key, password=args.password,
@@ -94,6 +108,8 @@ def add_signature_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_verify_signature(out: Any, args: argparse.Namespace) -> int:
     """``safeckpt verify PATH --signature SIG --public-key PUB``."""
+    from .signing import verify_signature  # torch and model_signing, only when the command runs
+
     if not args.signature:
         raise ValueError("--public-key, --certificate-chain and --identity verify a signature: pass --signature SIG")
     try:

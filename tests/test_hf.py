@@ -260,7 +260,7 @@ def test_cli_convert_hf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_importing_safeckpt_imports_no_framework() -> None:
-    code = ("import sys, safeckpt, safeckpt.hf, safeckpt.signing, safeckpt.integrations; "
+    code = ("import sys, safeckpt, safeckpt.hf, safeckpt.signing, safeckpt.integrations, safeckpt.cli; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('transformers', 'lightning', 'pytorch_lightning', 'model_signing', 'huggingface_hub')]; "
             "print(bad); sys.exit(1 if bad else 0)")
