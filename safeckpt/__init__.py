@@ -16,7 +16,6 @@ from .errors import (
     IntegrityError,
     LimitExceededError,
     SafeCkptError,
-    SignatureError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -40,7 +39,6 @@ __all__ = [
     "OpaqueObject",
     "SafeCkptError",
     "ScanReport",
-    "SignatureError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "__version__",

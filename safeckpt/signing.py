@@ -40,7 +40,7 @@ from .errors import SignatureError
 from .limits import DEFAULT_LIMITS
 from .multifile import find_manifest, read_manifest
 
-__all__ = ["SignedSet", "sign", "signed_set", "verified_copy", "verify_signature"]
+__all__ = ["SignatureError", "SignedSet", "sign", "signed_set", "verified_copy", "verify_signature"]
 
 MAX_SIGNATURE_BYTES = 16 << 20  # a model_signing bundle is a few KiB plus one line per file
 SINGLE_FILE = "."  # the resource name model_signing gives a file signed on its own

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import safeckpt
-from safeckpt import CheckpointManager, SignatureError
+from safeckpt import CheckpointManager
+from safeckpt.errors import SignatureError
 from safeckpt.cli import main
 from safeckpt.signing import sign, signed_set, verify_signature
 
