@@ -14,6 +14,8 @@ Creates ``OUTDIR/<harness>/`` for each harness of ``targets.TARGETS``:
   broken chunk placements), mode byte + its index (see ``targets.sharded``);
 - ``views``: view specs (see ``targets_views``): valid views of every element size at
   aligned and shifted addresses, stride-0 bombs, huge empty shapes, a misaligned complex128;
+- ``integrations``: mode byte + a model_signing signature of a fixed signed directory,
+  a Hugging Face weight index or legacy weight file (see ``targets_integrations``);
 - ``legacy`` and ``scan``: torch.save zip files, ``_use_new_zipfile_serialization=False``
   files, bare pickles of protocols 0-5, malicious pickles (os.system and friends via
   ``__reduce__``, built by pickling, never executed), plus for ``scan`` the safe formats.
@@ -50,6 +52,7 @@ import targets
 import targets_vm_budget
 import targets_scan_archive
 import targets_views
+import targets_integrations
 
 import safeckpt
 from safeckpt.container import encode_state, parse_root, skeleton_file_bytes
@@ -270,6 +273,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "names": list(_names_seeds()),
         "scan_archive": targets_scan_archive.seeds(tmp),
         "views": list(targets_views.seeds()),
+        "integrations": list(targets_integrations.seeds()),
     }
 
 
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--harness", action="append", choices=sorted(OWN_TARGET_HARNESSES), help="only these (repeatable)")
     parser.add_argument("--harness", action="append", choices=sorted({**targets.TARGETS, **targets_views.TARGETS}), help="only these (repeatable)")
+    parser.add_argument("--harness", action="append", choices=sorted([*targets.TARGETS, "integrations"]), help="only these (repeatable)")
     args = parser.parse_args(argv)
     for harness, count in write_corpus(args.outdir, args.harness).items():
         print(f"{harness}: {count} seeds in {args.outdir / harness}")

@@ -27,17 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .version import __version__
-from .cli_output import JSON_SCHEMA_VERSION, Out, error_fields, message, print_error, terminal_text
+from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION, Out, error_fields, message, print_error, terminal_text
 from .errors import IntegrityError, SafeCkptError, UnsafeCheckpointError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "SUBCOMMANDS", "Subcommand", "main"]
 
-EXIT_OK = 0
-"""The command succeeded: the file is safe, digests match, the checkpoints are identical."""
-EXIT_FAILED = 1
-"""A finding: a dangerous file or refused conversion, a digest mismatch, differences between checkpoints."""
-EXIT_USAGE = 2
-"""An error: bad arguments, a file that is not a checkpoint, a missing file, anything else that went wrong."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +87,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="also convert files in subdirectories")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--in-place", action="store_true", help="replace each source with its conversion")
+    p.add_argument("--hf", action="store_true",
+                   help="PATH is a Hugging Face model folder SRC_DIR [DST_DIR]: write model.safetensors (or shards "
+                        "and model.safetensors.index.json) from pytorch_model*.bin")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="with --hf: reshard, e.g. 5GB or 500MiB")
+    p.add_argument("--remove-legacy", action="store_true",
+                   help="with --hf, in place: delete the converted .bin files after writing")
+    p.add_argument("--trainer-files", action="store_true",
+                   help="with --hf: also convert optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bin")
 
 
 def _scan_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +109,22 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
         "for structure only)",
     )
     p.add_argument("--require-digests", action="store_true", help="exit 1 when the file records no digests")
+    p.add_argument("--signature", metavar="SIG", help="verify this model_signing signature of PATH")
+    p.add_argument("--public-key", metavar="PEM", help="with --signature: the signer's public key")
+    p.add_argument("--certificate-chain", nargs="+", metavar="PEM",
+                   help="with --signature: verify a certificate signature against these certificates")
+    p.add_argument("--identity", help="with --signature: the Sigstore identity (with --oidc-issuer)")
+    p.add_argument("--oidc-issuer", help="with --signature: the Sigstore OIDC issuer")
+
+
+def _sign_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a checkpoint file, a multi-file set (base path or manifest), or a directory")
+    p.add_argument("--key", metavar="PEM", help="elliptic-curve private key (offline signing)")
+    p.add_argument("--password", help="the private key's password, if it is encrypted")
+    p.add_argument("--certificate", metavar="PEM", help="with --key: the signing certificate")
+    p.add_argument("--certificate-chain", nargs="+", metavar="PEM", default=[], help="with --certificate")
+    p.add_argument("--sigstore", action="store_true", help="sign keyless with Sigstore (interactive, online)")
+    p.add_argument("--signature", metavar="SIG", help="where to write the signature (default PATH.sig)")
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
@@ -149,6 +167,10 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("split", "cli_commands:cmd_split", "split a single-file checkpoint into a multi-file set next to it", _split_args),
     Subcommand("merge", "cli_commands:cmd_merge", "merge a multi-file set into one safeckpt file", _merge_args),
     Subcommand("diff", "cli_commands:cmd_diff", "compare two checkpoints tensor by tensor; exit 1 when they differ", _diff_args),
+    Subcommand(
+        "sign", "cli_integrations:cmd_sign", "sign a checkpoint (file, multi-file set or directory) with model_signing",
+        _sign_args,
+    ),
 ]
 """The subcommands, in ``--help`` order."""
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .cli_diff import diff_states
-from .cli_output import Out, error_fields, human_bytes, message, plural
+from .cli_integrations import cmd_verify_signature
+from .cli_output import EXIT_FAILED, EXIT_OK, Out, error_fields, human_bytes, message, plural
 from .text import segment
 from .cli_report import FileView, component_keys, format_of, is_multi, json_key, verify_file, view_file
 from .cli_targets import (
@@ -31,7 +32,6 @@ from .saving import save_multi_from_single, save_single_file
 
 __all__ = ["cmd_diff", "cmd_inspect", "cmd_merge", "cmd_split", "cmd_verify"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_SHOWN = 100  # differences listed in human output; --json lists them all
 
 
@@ -206,6 +206,8 @@ def _verify_hf_index(out: Out, path: Path) -> int:
 
 def cmd_verify(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt verify``."""
+    if args.signature or args.public_key or args.certificate_chain or args.identity:
+        return cmd_verify_signature(out, args)
     path = Path(args.path)
     kind = classify(path)
     if kind == MANAGER:

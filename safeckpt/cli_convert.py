@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli_output import Out, collect_files, human_bytes, message, plural
+from .cli_integrations import cmd_convert_hf
+from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Out, collect_files, human_bytes, message, plural
 from .conversion import convert, default_destination
 from .detect import Kind, detect
 from .errors import SafeCkptError, UnsafeCheckpointError
@@ -34,7 +35,6 @@ from .multifile import manifest_path
 
 __all__ = ["cmd_convert", "convert_plan", "resolve_globals"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TORCH_KINDS = (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
 
 
@@ -175,6 +175,8 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed:
 
 def cmd_convert(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt convert``."""
+    if args.hf:
+        return cmd_convert_hf(out, args)
     if args.keys and not args.multi:
         raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
     if args.in_place and args.multi:

@@ -25,6 +25,9 @@ from typing import Any, TextIO
 from .errors import UnsafeCheckpointError
 
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "JSON_SCHEMA_VERSION",
     "Out",
     "Progress",
@@ -37,6 +40,12 @@ __all__ = [
     "terminal_text",
 ]
 
+EXIT_OK = 0
+"""The command succeeded: the file is safe, digests match, the checkpoints are identical."""
+EXIT_FAILED = 1
+"""A finding: a dangerous file or refused conversion, a digest mismatch, differences between checkpoints."""
+EXIT_USAGE = 2
+"""An error: bad arguments, a file that is not a checkpoint, a missing file, anything else that went wrong."""
 JSON_SCHEMA_VERSION = 1
 """``schema_version`` of every ``--json`` document; bumped when a field changes meaning or goes away."""
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli_output import Out, collect_files, error_fields, plural
+from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Out, collect_files, error_fields, plural
 from .detect import Kind, detect
 from .errors import SafeCkptError
 from .legacy.scan import scan
 
 __all__ = ["cmd_scan"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _row(f: Any) -> dict[str, Any]:

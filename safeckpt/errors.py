@@ -8,6 +8,7 @@ The hierarchy::
     ├── UnsafeCheckpointError                     a legacy file that references dangerous code
     ├── UnsupportedValueError (also TypeError)    a value the safe format cannot hold
     ├── IntegrityError                            stored digests do not match the bytes
+    │   └── SignatureError                        a signature that does not verify or cover the checkpoint
     └── ComponentNotFoundError (also KeyError)    a component or tensor that is not there
 
     FallbackWarning (UserWarning)                 format="auto" fell back to torch.save
@@ -29,6 +30,7 @@ __all__ = [
     "IntegrityError",
     "LimitExceededError",
     "SafeCkptError",
+    "SignatureError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
 ]
@@ -135,6 +137,14 @@ class IntegrityError(SafeCkptError):
         self.tensor_name = tensor_name
         self.expected = expected
         self.actual = actual
+
+
+class SignatureError(IntegrityError):
+    """A checkpoint's signature is malformed, does not verify, or does not cover what would be read.
+
+    Attributes:
+        file: the file concerned (the signature, or a signed file).
+    """
 
 
 class ComponentNotFoundError(SafeCkptError, KeyError):

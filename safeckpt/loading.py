@@ -16,6 +16,8 @@ import torch
 from .checkpoint import Checkpoint
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import ReadOptions, load_any, load_file, load_set, open_lazy
+from .signing import verified_copy
+from .storage import is_url
 
 __all__ = ["load", "load_multi_files", "load_single_file", "open"]
 
@@ -146,6 +148,8 @@ def load(
     limits: Limits = DEFAULT_LIMITS,
     storage_options: Mapping[str, Any] | None = None,
     copy: bool = False,
+    signature: str | os.PathLike[str] | None = None,
+    public_key: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load any checkpoint safeckpt reads, detecting its format from its bytes.
 
@@ -155,6 +159,10 @@ def load(
             a multi-file set; a local path or an fsspec URL.
         device, allowed_globals, trust_pickle, verify, limits, storage_options, copy:
             as for :func:`load_single_file`.
+        signature: a ``model_signing`` signature of ``path`` (a local file, set or
+            directory); with ``public_key``, the signed files are verified first and only
+            that verified private copy is parsed (see :mod:`safeckpt.signing`).
+        public_key: the signer's PEM public key, with ``signature``.
 
     Returns:
         The state (``{key: value}`` for a multi-file set).
@@ -166,5 +174,12 @@ def load(
             (any JSON that is not a safeckpt manifest is "not a safeckpt checkpoint").
         IntegrityError: with ``verify=True``, on a digest mismatch.
         UnsafeCheckpointError: for a legacy file that names a dangerous global.
+        SignatureError: with ``signature``, when it does not verify (nothing was parsed).
     """
-    return load_any(path, ReadOptions(device, allowed_globals, trust_pickle, verify, limits, copy, storage_options))
+    options = ReadOptions(device, allowed_globals, trust_pickle, verify, limits, copy, storage_options)
+    if signature is None and public_key is None:
+        return load_any(path, options)
+    if signature is None or public_key is None or is_url(path):
+        raise ValueError("a signed load takes a local path, signature= and public_key= together")
+    with verified_copy(path, signature, public_key=public_key) as private:
+        return load_any(private, options)
