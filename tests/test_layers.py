@@ -29,10 +29,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 MAX_LINES = 420  # "about 400": a module over this is split by responsibility
 # Modules still over it, each with the size it may not grow past until it is split.
 KNOWN_LARGE = {
-    "safeckpt.cli": 570,
-    "safeckpt.cli_report": 600,
-    "safeckpt.legacy.vm": 960,
+    "safeckpt.checkpoint": 406,
+    "safeckpt.codec.encode": 407,
+    "safeckpt.manager": 426,
     "safeckpt.distributed.sharded": 475,
+    "safeckpt.tensors": 498,
+    "safeckpt.container": 501,
+    "safeckpt.cli_report": 554,
+    "safeckpt.legacy.vm": 954,
 }
 
 
