@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "safeckpt"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("version", "errors", "text", "attrs", "limits", "policy", "handler", "tensors", "refs", "stream", "detect", "storage")),
-    ("codec", ("codec", "container", "legacy")),
+    ("codec", ("codec", "container", "header", "legacy")),
     ("layouts", ("multifile", "snapshot")),
     ("reader/writer", ("checkpoint", "reader", "writer")),
     ("API", ("loading", "saving", "conversion", "remote", "signing", "hf")),
@@ -34,7 +34,6 @@ KNOWN_LARGE = {
     "safeckpt.manager": 426,
     "safeckpt.distributed.sharded": 475,
     "safeckpt.tensors": 498,
-    "safeckpt.container": 501,
     "safeckpt.cli_report": 554,
     "safeckpt.legacy.vm": 954,
 }
