@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "safeckpt"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("version", "errors", "text", "attrs", "limits", "policy", "handler", "tensors", "refs", "stream", "detect", "storage")),
+    ("foundations", ("version", "errors", "text", "attrs", "limits", "policy", "handler", "tensor_plan", "tensors", "refs", "stream", "detect", "storage")),
     ("codec", ("codec", "container", "header", "legacy")),
     ("layouts", ("multifile", "snapshot")),
     ("reader/writer", ("checkpoint", "reader", "writer")),
@@ -33,7 +33,6 @@ KNOWN_LARGE = {
     "safeckpt.codec.encode": 407,
     "safeckpt.manager": 426,
     "safeckpt.distributed.sharded": 475,
-    "safeckpt.tensors": 498,
     "safeckpt.cli_report": 554,
     "safeckpt.legacy.vm": 954,
 }
