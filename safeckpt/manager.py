@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import socket
 from collections.abc import Mapping
@@ -50,17 +49,16 @@ from typing import Any
 from .container import Encoded
 from .errors import CheckpointFormatError, IntegrityError
 from .multifile import MANIFEST_SUFFIX, check_keys
+from .ranking import rank_steps
 from .reader import ReadOptions, load_set_in, load_source
 from .snapshot import BackgroundWriter, freeze
 from .storage import FileRecord, open_storage, pid_alive
-from .text import show
 from .steps import (
     BASE,
     LOCK,
     MARKER,
     MAX_MARKER_BYTES,
     STEP_DIR,
-    as_float,
     clean_metrics,
     make_marker,
     step_dir,
@@ -275,24 +273,9 @@ class CheckpointManager:
         return dict(marker["metrics"])
 
     def _ranked(self, steps: list[int]) -> list[int]:
-        """Complete steps that have a valid ``metric`` (a finite real number within float range), best
-        first (ties: the newer first). A step whose marker holds anything else is not ranked, once logged."""
-        scored = []
-        for step in steps:
-            marker = self._marker(step)
-            if marker is None:
-                continue
-            value = as_float(marker["metrics"].get(self.metric))
-            if value is None or not math.isfinite(value):
-                if self.metric in marker["metrics"] and step not in self._unranked:
-                    self._unranked.add(step)
-                    logger.warning(
-                        "step %d in %s records metric %s as %s, not a finite number: it is not ranked",
-                        step, self.directory, show(self.metric), show(marker["metrics"][self.metric], 60),
-                    )
-                continue
-            scored.append((value if self.mode == "min" else -value, -step))
-        return [-neg for _, neg in sorted(scored)]
+        """Complete steps that have a valid ``metric``, best first (see :func:`rank_steps`)."""
+        markers = [(step, self._marker(step)) for step in steps]
+        return rank_steps(markers, self.metric, self.mode, self._unranked, self.directory)
 
     def best(self) -> int | None:
         """The complete step with the best ``metric`` (per ``mode``), or ``None`` if no step has it.
