@@ -36,7 +36,6 @@ KNOWN_LARGE = {
     "safeckpt.tensors": 498,
     "safeckpt.container": 501,
     "safeckpt.cli_report": 554,
-    "safeckpt.legacy.vm": 954,
 }
 
 
