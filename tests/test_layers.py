@@ -33,7 +33,7 @@ KNOWN_LARGE = {
     "safeckpt.codec.encode": 407,
     "safeckpt.manager": 426,
     "safeckpt.distributed.sharded": 475,
-    "safeckpt.tensors": 498,
+    "safeckpt.tensors": 512,
     "safeckpt.container": 501,
     "safeckpt.cli_report": 554,
 }
