@@ -35,7 +35,7 @@ from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityErro
 from .limits import DEFAULT_LIMITS, Limits, check_in_file
 from .refs import AllowList
 from .storage import ByteSource, is_url, open_source
-from .tensors import ViewScope, dtype_name, entry_tensor
+from .tensors import ViewScope, dtype_name, empty_tensor, entry_tensor
 from .text import show
 
 __all__ = ["Checkpoint", "ComponentInfo", "read_header_from"]
@@ -321,7 +321,7 @@ class Checkpoint:
         if self._verify and self._root is not None:  # every entry has a digest (verified_digests)
             self._check_digest(name, raw, self._digests[name])
         if fetched:  # bytes fetched from remote storage: a fresh, aligned, writable tensor of their own
-            tensor = torch.empty(info.shape, dtype=info.dtype)  # shape checked when the header was parsed
+            tensor = empty_tensor(info.shape, info.dtype)  # shape checked when the header was parsed
             if info.nbytes:
                 tensor.reshape(-1).view(torch.uint8).numpy()[:] = raw
             return tensor if device.type == "cpu" else tensor.to(device)

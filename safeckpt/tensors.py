@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from .tensor_plan import (
 from .text import show
 
 __all__ = [
+    "empty_tensor",
     "DTYPES_BY_NAME",
     "DTYPES_FROM_SAFETENSORS",
     "INDEX_BOUND",
@@ -182,6 +184,17 @@ def _fresh_copy(flat: torch.Tensor) -> torch.Tensor:
     return copy
 
 
+def empty_tensor(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` and ``dtype``, made as bytes and viewed as ``dtype``.
+
+    ``torch.empty`` of a typed tensor fills it when deterministic algorithms are on,
+    and that fill is not implemented for every dtype safetensors stores (float4);
+    bytes always can be. ``shape`` must already have passed :func:`check_dims`.
+    """
+    numel = math.prod(shape)
+    return torch.empty(numel * dtype.itemsize, dtype=torch.uint8, device=device).view(dtype).reshape(shape)
+
+
 def entry_tensor(
     raw: Any, dtype: torch.dtype, shape: tuple[int, ...], *, limits: Limits, where: str, file: str | None = None
 ) -> torch.Tensor:
@@ -204,10 +217,10 @@ def entry_tensor(
             f"{where} holds {flat.numel()} bytes, its shape {list(shape)} needs {numel * dtype.itemsize}", file=file
         )
     if not numel:
-        return torch.empty(shape, dtype=dtype, device=flat.device)
+        return empty_tensor(shape, dtype, flat.device)
     if _misaligned(flat, dtype.itemsize):
         flat = _fresh_copy(flat)
-    return torch.empty(0, dtype=dtype, device=flat.device).set_(
+    return empty_tensor((0,), dtype, flat.device).set_(
         flat.untyped_storage(), int(flat.storage_offset()) // dtype.itemsize, shape, contiguous_strides(shape)
     )
 
@@ -250,8 +263,8 @@ def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewSco
     if base.device.type != "meta":  # meta tensors (a scan, a survey pass) hold no memory to bound
         scope.charge(base, numel * itemsize, where)
     if not numel:
-        return torch.empty(shape, dtype=dtype, device=base.device).as_strided(shape, stride)
+        return empty_tensor(shape, dtype, base.device).as_strided(shape, stride)
     flat = scope.bytes_of(base, itemsize)
-    return torch.empty(0, dtype=dtype, device=base.device).set_(
+    return empty_tensor((0,), dtype, base.device).set_(
         flat.untyped_storage(), (int(flat.storage_offset()) + begin) // itemsize, shape, stride
     )

@@ -199,6 +199,39 @@ def test_console_script_help_and_version_do_not_import_torch(tmp_path: Path) -> 
         assert "safeckpt" in proc.stdout
 
 
+def test_console_script_scan_runs_without_torch(tmp_path: Path) -> None:
+    """``safeckpt scan`` with torch made unimportable: a bare pickle, a torch.save zip, a safeckpt
+    file, a multi-file set's manifest and a plain safetensors file are all scanned."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    pickle_file = tmp_path / "p.pkl"
+    pickle_file.write_bytes(pickle.dumps({"lr": 0.1, "steps": [1, 2]}, protocol=2))
+    zip_file = tmp_path / "z.pth"
+    torch.save({"w": torch.ones(3)}, zip_file)
+    single = safeckpt.save_single_file(None, {"model_state_dict": {"w": torch.ones(2)}}, tmp_path / "s.safeckpt")
+    safeckpt.save_multi_files(None, {"model_state_dict": {"w": torch.ones(2)}, "model_kwargs": {"a": 1}}, tmp_path / "m.pth")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    files = [pickle_file, zip_file, single, tmp_path / "m.safeckpt.json", plain]
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+    exe = shutil.which("safeckpt")
+    assert exe is not None
+    proc = subprocess.run(
+        [exe, "scan", "--json", *map(str, files)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "torch was imported" not in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(doc["files"]) == len(files)
+    assert {r["verdict"] for r in doc["files"]} == {"safe"}
+
+
 def test_import_safeckpt_is_lazy(tmp_path: Path) -> None:
     assert "torch" not in _modules_after(["--version"], tmp_path)
     code = "import sys, safeckpt; print('torch' in sys.modules)"

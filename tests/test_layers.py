@@ -32,7 +32,6 @@ KNOWN_LARGE = {
     "safeckpt.checkpoint": 406,
     "safeckpt.codec.encode": 407,
     "safeckpt.distributed.sharded": 475,
-    "safeckpt.legacy.vm": 954,
 }
 
 

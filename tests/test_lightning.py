@@ -19,6 +19,15 @@ from safeckpt.integrations.lightning import SafeCheckpointIO, load_from_checkpoi
 PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 
 
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_global_state() -> Any:
+    """Trainer(deterministic=True) turns torch's deterministic algorithms on process-wide: turn them back."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
 def lightning_api(package: str) -> Any:
     return importlib.import_module(package)
 

@@ -432,3 +432,25 @@ def test_zero_element_numpy_arrays_with_huge_dims(shape: list[int], code: str, o
         else:
             with pytest.raises(CheckpointFormatError, match="malformed numpy shape"):
                 make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float4_e2m1fn_x2, torch.float8_e4m3fn, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("shape", [(4,), (0,), (2, 0)])
+def test_loads_with_deterministic_algorithms_on(tmp_path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Deterministic mode fills every typed torch.empty, which torch cannot do for float4: tensors are made as bytes."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    t = torch.arange(numel * dtype.itemsize, dtype=torch.uint8).view(dtype).reshape(shape)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        path = safeckpt.save_single_file(None, {"t": t, "u": t[1:]}, tmp_path / "x.safeckpt")
+        loaded = safeckpt.load(path)
+        with safeckpt.open(path) as ckpt:
+            lazily = [ckpt.get_tensor(name) for name in ckpt.tensor_names()]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert loaded["t"].dtype == dtype and loaded["t"].view(torch.uint8).equal(t.view(torch.uint8))
+    assert loaded["u"].shape == t[1:].shape
+    assert lazily and all(x.numel() * x.element_size() <= t.numel() * t.element_size() for x in lazily)
