@@ -420,7 +420,7 @@ def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard
                    change: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Rewrite the index as a hostile one would: every tensor of ``shape``, with ``second_shard``
     a copy of the shard as a second rank's file, then ``change`` applied to the document."""
-    from safeckpt.distributed.sharded import _meta_bytes_writer
+    from safeckpt.distributed.sharded_index import index_writer
     from safeckpt.storage import atomic_write
 
     shards = directory / SHARD_DIR
@@ -433,7 +433,7 @@ def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard
     doc["shards"] = [[p.name, p.stat().st_size] for p in sorted(shards.iterdir())]
     if change is not None:
         change(doc)
-    atomic_write(directory / META_NAME, _meta_bytes_writer(doc))
+    atomic_write(directory / META_NAME, index_writer(doc))
 
 
 SECOND_SHARD = SHARD.replace("00001-model", "00002-model")

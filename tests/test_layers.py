@@ -31,7 +31,6 @@ MAX_LINES = 420  # "about 400": a module over this is split by responsibility
 KNOWN_LARGE = {
     "safeckpt.checkpoint": 406,
     "safeckpt.codec.encode": 407,
-    "safeckpt.distributed.sharded": 475,
 }
 
 

@@ -21,17 +21,22 @@ __all__ = ["ByteSource", "FileRecord", "Storage"]
 
 @dataclass(frozen=True)
 class FileRecord:
-    """A written file: name relative to its storage, size, and digest.
+    """One file of a checkpoint: the record the multi-file manifest, the manager's ``COMMITTED``
+    marker and the sharded index keep of it (each writes it in its own format, see FORMAT.md).
 
-    ``sha256`` is the digest of the length prefix and header for a safetensors
-    file (the header records every tensor's digest), of the whole file otherwise.
-    One record serves the multi-file manifest, the manager's marker and the
-    sharded index.
+    Attributes:
+        name: the file, relative to its storage (a plain file name in a manifest, marker or index).
+        size: its size in bytes.
+        sha256: hex digest of the length prefix and header for a safetensors file (the header
+            records every tensor's digest), of the whole file otherwise; ``None`` where the record
+            keeps none (the sharded index checks its shards by size and by their headers).
+        key: the state key of the component the file holds (manifest records), else ``None``.
     """
 
     name: str
     size: int
-    sha256: str
+    sha256: str | None = None
+    key: str | None = None
 
 
 class ByteSource:
