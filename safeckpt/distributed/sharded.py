@@ -40,7 +40,7 @@ from ..handler import Reporter
 from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
 from ..storage import atomic_write, fsync_dir, is_url
-from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, world
+from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, raise_own, world
 from .sharded_index import META_NAME, SHARD_DIR, document, index_writer, read_index, shard_records
 from .tree import Slot, merge_tensors, split_tensors
 
@@ -66,10 +66,7 @@ def _sync(error: BaseException | None, reporter: Reporter, action: str, *, every
             failed = [o for o in outcomes if not o.ok]
             if failed:
                 error = failed[0].exception(rank, action)
-    if error is not None:
-        if not isinstance(error, Exception):
-            raise error
-        reporter.fail(error, f"Rank {reporter.rank} failed to {action}: {error}")
+    raise_own(error, reporter, action)
 
 
 @contextlib.contextmanager
