@@ -95,11 +95,6 @@ class Header:
     def is_safeckpt(self) -> bool:
         return META_SKELETON in self.metadata
 
-    @property
-    def header_bytes(self) -> int:
-        """Size of the length prefix plus the JSON header."""
-        return self.data_start
-
     def digests(self) -> tuple[str, dict[str, str]] | None:
         """(skeleton digest, {entry: digest}) when the file records them."""
         text = self.metadata.get(META_DIGESTS)

@@ -199,8 +199,13 @@ def read_manifest_in(storage: Storage, rel: str, limits: Limits) -> Manifest:
         LimitExceededError: if it is larger or lists more components than ``limits`` allow.
     """
     with storage.open(rel) as source:
-        limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
-        return parse_manifest(source.read(0, source.size), source.name, limits)
+        return manifest_from(source, limits)
+
+
+def manifest_from(source: ByteSource, limits: Limits) -> Manifest:
+    """Read and validate the manifest ``source``, its size bounded first (see :func:`read_manifest_in`)."""
+    limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
+    return parse_manifest(source.read(0, source.size), source.name, limits)
 
 
 def parse_manifest(raw: bytes, path: str, limits: Limits) -> Manifest:

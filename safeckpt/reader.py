@@ -28,7 +28,7 @@ from .multifile import (
     MANIFEST_SUFFIX,
     check_entry_in,
     discover_in,
-    parse_manifest,
+    manifest_from,
     read_manifest_in,
     split_base,
 )
@@ -110,8 +110,7 @@ def load_source(source: ByteSource, options: ReadOptions) -> Any:
             with _checkpoint(source, options) as ckpt:
                 return ckpt.load()
         if kind is Kind.MANIFEST:
-            options.limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
-            parse_manifest(source.read(0, source.size), source.name, options.limits)  # other JSON: not a checkpoint
+            manifest_from(source, options.limits)  # other JSON: not a checkpoint
             raise CheckpointFormatError(f"{source.name} is a multi-file manifest; use load_multi_files() or load()", file=source.name)
         return _load_torch(source, options)  # torch.save archives, pre-1.6 streams, bare pickles, unknown bytes
     except SafeCkptError as exc:

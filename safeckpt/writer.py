@@ -16,7 +16,6 @@ path in the state.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import posixpath
@@ -254,9 +253,3 @@ def write_set(
     for name in sorted(previous - kept):
         storage.remove(posixpath.join(directory, name) if directory else name)
     return out
-
-
-def torch_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
