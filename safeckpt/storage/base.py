@@ -30,13 +30,13 @@ class FileRecord:
         sha256: hex digest of the length prefix and header for a safetensors file (the header
             records every tensor's digest), of the whole file otherwise; ``None`` where the record
             keeps none (the sharded index checks its shards by size and by their headers).
-        key: the state key of the component the file holds (manifest records), else ``None``.
+        key: the state key of the component the file holds (manifest records); empty elsewhere.
     """
 
     name: str
     size: int
     sha256: str | None = None
-    key: str | None = None
+    key: str = ""
 
 
 class ByteSource:
