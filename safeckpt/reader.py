@@ -9,7 +9,6 @@ manifest (or its file name, when discovered) lists it for.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,16 +125,12 @@ def _checkpoint(source: ByteSource, options: ReadOptions) -> Checkpoint:
 
 
 def _load_torch(source: ByteSource, options: ReadOptions) -> Any:
-    local = source.local_path
-    if local is not None:
-        return _load_torch_path(local, source.name, options)
-    with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:  # fetched whole: the reader needs a file
-        temp = Path(tmp) / os.path.basename(source.name.rstrip("/"))
-        temp.write_bytes(source.read(0, source.size))
+    with source.local_copy() as local:  # a remote file is fetched whole: the reader needs a file
         try:
-            return _load_torch_path(temp, source.name, options)
+            return _load_torch_path(local, source.name, options)
         except SafeCkptError as exc:
-            _name_the_file(exc, source.name, temp=str(temp))
+            if source.local_path is None:
+                _name_the_file(exc, source.name, temp=str(local))
             raise
 
 

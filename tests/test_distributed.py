@@ -580,3 +580,13 @@ def test_sharded_checkpoint_in_one_process_and_its_integrity_checks(tmp_path: Pa
     with pytest.raises(safeckpt.UnsupportedValueError):
         save_sharded(None, {"f": lambda: 0, "w": torch.ones(1)}, tmp_path / "d")
     assert not (tmp_path / "d" / SHARD_DIR).exists()
+
+
+def test_sharded_checkpoints_take_paths_and_file_urls_but_refuse_other_urls(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'c'}"
+    assert save_sharded(None, {"w": torch.arange(3.0)}, url) == tmp_path / "c"
+    assert torch.equal(load_sharded(url)["w"], torch.arange(3.0))
+    for call in (lambda: save_sharded(None, {"w": torch.ones(1)}, "memory://x/c"), lambda: load_sharded("memory://x/c")):
+        with pytest.raises(ValueError, match="use a path, not a URL"):
+            call()
+    assert not Path("memory:").exists()

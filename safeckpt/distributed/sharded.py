@@ -39,7 +39,7 @@ from ..errors import ComponentNotFoundError
 from ..handler import Reporter
 from ..limits import DEFAULT_LIMITS, Limits
 from ..saving import save_single_file
-from ..storage import atomic_write, fsync_dir, is_url
+from ..storage import atomic_write, fsync_dir, local_text
 from ._comm import all_gather_outcomes, broadcast_outcome, dist_ready, raise_own, world
 from .sharded_index import META_NAME, SHARD_DIR, document, index_writer, read_index, shard_records
 from .tree import Slot, merge_tensors, split_tensors
@@ -49,12 +49,13 @@ __all__ = ["META_NAME", "SHARD_DIR", "consolidate", "load_sharded", "save_sharde
 
 def _local_root(path: str | os.PathLike[str]) -> Path:
     """A sharded checkpoint's directory: DCP writes it with local file I/O, so a URL is refused."""
-    if is_url(path) and not str(path).startswith("file://"):
+    local = local_text(path)
+    if local is None:
         raise ValueError(
             f"{path}: sharded checkpoints are written by torch.distributed.checkpoint to a local (or "
             "mounted) directory every rank sees; use a path, not a URL"
         )
-    return Path(str(path).removeprefix("file://"))
+    return Path(local)
 
 
 def _sync(error: BaseException | None, reporter: Reporter, action: str, *, everyone: bool, collective: bool = True) -> None:

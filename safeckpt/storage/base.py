@@ -9,6 +9,8 @@ path when the backend has them.
 from __future__ import annotations
 
 import contextlib
+import posixpath
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,23 @@ class ByteSource:
     def local_path(self) -> Path | None:
         """The file's local path, where there is one."""
         return None
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """The file as a local path: its own where it has one, else a temporary copy (named like the
+        file, fetched in 64 MiB reads) that is removed when the block ends."""
+        if self.local_path is not None:
+            yield self.local_path
+            return
+        with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:
+            temp = Path(tmp) / (posixpath.basename(self.name.rstrip("/")) or "file")
+            with open(temp, "wb") as f:
+                position = 0
+                while position < self.size:
+                    end = min(self.size, position + (1 << 26))
+                    f.write(self.read(position, end))
+                    position = end
+            yield temp
 
     def close(self) -> None:
         """Release what the source holds; reading again reopens it."""
