@@ -18,7 +18,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from .storage import FileRecord, pid_alive
+from .storage import FileRecord, pid_alive, unmatched
 from .text import show
 from .version import __version__
 
@@ -132,10 +132,8 @@ def marker_records(marker: dict[str, Any]) -> list[FileRecord]:
 def changed_file(marker: dict[str, Any], present: Mapping[str, int | None]) -> FileRecord | None:
     """The first file of a well-formed marker that ``present`` (the step directory's listing) lacks
     or holds at another size; ``None`` when every file is there as recorded."""
-    for record in marker_records(marker):
-        if present.get(record.name) != record.size:
-            return record
-    return None
+    changed, _ = unmatched(marker_records(marker), present)
+    return changed[0] if changed else None
 
 
 def lock_bytes(created: str) -> bytes:

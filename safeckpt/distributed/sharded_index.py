@@ -26,7 +26,7 @@ from ..checkpoint import Checkpoint
 from ..container import encode_state, read_header, skeleton_file_bytes, write_single
 from ..errors import CheckpointFormatError, IntegrityError
 from ..limits import DEFAULT_LIMITS, Limits
-from ..storage import FileRecord, LocalStorage
+from ..storage import FileRecord, LocalStorage, unmatched
 from ..tensors import check_dims
 from ..text import show
 from .tree import Slot
@@ -147,11 +147,10 @@ def _check_shards(root: Path, expected: list[FileRecord]) -> None:
     shard_dir = root / SHARD_DIR
     listing = LocalStorage(root).child(SHARD_DIR).listdir()  # links and special files are left out: "missing"
     found = {name: size for name, size in listing.items() if size is not None and name.endswith(".safetensors")}
-    wanted = {record.name: record.size for record in expected}
-    if found != wanted:
-        missing = sorted(set(wanted) - set(found))
-        extra = sorted(set(found) - set(wanted))
-        resized = sorted(n for n in set(found) & set(wanted) if found[n] != wanted[n])
+    changed, extra = unmatched(expected, found)
+    if changed or extra:
+        missing = sorted(record.name for record in changed if record.name not in found)
+        resized = sorted(record.name for record in changed if record.name in found)
         raise IntegrityError(
             f"{shard_dir} does not match {root / META_NAME}: missing {missing}, unexpected {extra}, resized {resized}",
             file=str(shard_dir),

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .atomic import atomic_path, atomic_write, fsync_dir, pid_alive
-from .base import ByteSource, FileRecord, Storage
+from .base import ByteSource, FileRecord, Storage, unmatched
 from .fsspec_store import FsspecSource, FsspecStorage
 from .local import LocalSource, LocalStorage, open_file, open_regular
 from .paths import is_url, join, display_path, split_location
@@ -41,6 +41,7 @@ __all__ = [
     "pid_alive",
     "display_path",
     "split_location",
+    "unmatched",
 ]
 
 

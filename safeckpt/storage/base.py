@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["ByteSource", "FileRecord", "Storage"]
+__all__ = ["ByteSource", "FileRecord", "Storage", "unmatched"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,16 @@ class FileRecord:
     size: int
     sha256: str | None = None
     key: str = ""
+
+
+def unmatched(records: Iterable[FileRecord], listing: Mapping[str, int | None]) -> tuple[list[FileRecord], list[str]]:
+    """Compare ``records`` with a directory's ``listing`` (:meth:`Storage.listdir`): the records whose
+    file it lacks (or holds as a directory) or holds at another size, and the names it holds that no
+    record names, sorted."""
+    records = list(records)
+    recorded = {record.name for record in records}
+    changed = [record for record in records if listing.get(record.name) != record.size]
+    return changed, sorted(name for name in listing if name not in recorded)
 
 
 class ByteSource:
