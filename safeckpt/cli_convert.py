@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import posixpath
 import sys
@@ -34,6 +33,7 @@ from .cli_remote import Remote
 from .detect import Kind, detect, detect_bytes
 from .errors import SafeCkptError, UnsafeCheckpointError
 from .multifile import MANIFEST_SUFFIX, manifest_path, split_base
+from .refs import import_allowed
 from .storage import is_url, open_source
 
 __all__ = ["cmd_convert", "convert_plan", "resolve_globals"]
@@ -60,28 +60,12 @@ def _cwd_on_path() -> Iterator[None]:
 
 
 def resolve_globals(names: list[str]) -> tuple[list[Any], list[str]]:
-    """Import ``module:qualname`` names; returns ``(objects, problems)``, one problem line per name not found."""
-    found: list[Any] = []
-    problems: list[str] = []
+    """Import ``module:qualname`` names (:func:`safeckpt.refs.import_allowed`, as the API resolves
+    ``allowed_globals``) with the working directory on the path; returns ``(objects, problems)``,
+    one problem line per name not found."""
     with _cwd_on_path():
-        for name in names:
-            module_name, sep, qualname = name.partition(":")
-            if not sep or not module_name or not qualname:
-                problems.append(f"--allow-global {name}: not of the form module:qualname; ignored")
-                continue
-            try:
-                value: Any = importlib.import_module(module_name)
-            except ImportError as exc:
-                problems.append(f"--allow-global {name}: module {module_name!r} not found ({exc}); ignored")
-                continue
-            try:
-                for part in qualname.split("."):
-                    value = getattr(value, part)
-            except AttributeError:
-                problems.append(f"--allow-global {name}: {module_name} has no {qualname!r}; ignored")
-                continue
-            found.append(value)
-    return found, problems
+        found, problems = import_allowed(names)
+    return list(found.values()), [f"--allow-global {name}: {why}; ignored" for name, why in problems.items()]
 
 
 # --------------------------------------------------------------------------- planning
