@@ -353,6 +353,17 @@ def _starts_like_pickle(path: str) -> bool:
     return bool(first) and first.decode("latin-1") in getattr(pickletools, "code2op")
 
 
+def _name_in_message(exc: SafeCkptError, name: str, *, bare: bool) -> None:
+    """Every error reading a file names it; bytes that are no torch.save file and do not parse
+    as a pickle (a text file whose first byte happens to be an opcode) are "not a checkpoint"."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    if bare and type(exc) is CheckpointFormatError:
+        text = f"{name} is not a checkpoint safeckpt can read (not a torch.save file, and not a pickle: {text})"
+    elif name not in text:
+        text = f"{name}: {text}"
+    exc.args = (text, *exc.args[1:])
+
+
 def read_torch_file(
     path: str | os.PathLike[str],
     *,
@@ -388,6 +399,7 @@ def read_torch_file(
     except SafeCkptError as exc:
         _finish(report, name)  # a dangerous name found before the error wins
         exc.file = exc.file or name
+        _name_in_message(exc, name, bare=kind is Kind.UNKNOWN)
         raise
     except FileNotFoundError:
         raise
