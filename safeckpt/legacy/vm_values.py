@@ -279,13 +279,15 @@ class ValueOps(VMState):
             raise self._error("odd number of items for DICT")
         keys = items[0::2]
         self._check_len(len(keys))
-        self._charge(_C["dict"] + _C["entry"] * len(keys) + self._key_cost(keys), "a dict")
-        self._push(dict(zip(keys, items[1::2])))
+        value: dict[Any, Any] = {}
+        self._charge(_C["dict"] + _C["entry"] * len(keys) + self._key_cost(keys, value), "a dict")
+        value.update(zip(keys, items[1::2]))
+        self._push(value)
 
     def op_FROZENSET(self) -> None:
         items = self._settled(self._pop_mark())
         self._check_len(len(items))
-        self._charge(_C["set"] + _C["element"] * len(items) + self._key_cost(items), "a frozenset")
+        self._charge(_C["set"] + _C["element"] * len(items) + self._key_cost(items, None), "a frozenset")
         self._push(frozenset(items))
 
     def op_APPEND(self) -> None:
@@ -329,7 +331,7 @@ class ValueOps(VMState):
         kind = type(target)
         if kind is dict or kind is OrderedDict:
             self._check_len(len(target) + len(keys))
-            self._charge(_C["entry"] * len(keys) + self._key_cost(keys), "dict items")
+            self._charge(_C["entry"] * len(keys) + self._key_cost(keys, target), "dict items")
             target.update(zip(keys, items[1::2]))
         elif isinstance(target, OpaqueObject):
             current = target.dict_items
@@ -349,5 +351,5 @@ class ValueOps(VMState):
         if type(target) is not set:
             raise self._error(f"ADDITEMS on a {type(target).__name__}")
         self._check_len(len(target) + len(items))
-        self._charge(_C["element"] * len(items) + self._key_cost(items), "set items")
+        self._charge(_C["element"] * len(items) + self._key_cost(items, target), "set items")
         target.update(items)
