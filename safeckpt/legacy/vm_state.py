@@ -56,6 +56,9 @@ class VMState(PickleSource):
     def __init__(self, source: Any, limits: Limits) -> None:
         super().__init__(source, limits)
         self._hashes = EqualHashes(limits.max_equal_hash_keys)  # keys of one hash, per container (see ..keyhash)
+        #: a list to record every str, bytes and bytearray value the opcodes make (scanning
+        #: searches them all for hidden pickles, see .nested); None: not recorded
+        self.payloads: list[Any] | None = None
 
     # budget -----------------------------------------------------------------------
 

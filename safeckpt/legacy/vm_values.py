@@ -118,6 +118,8 @@ class ValueOps(VMState):
 
     def _data(self, arg: Any) -> None:
         self._charge(6 + (len(arg) >> 3), "a string")
+        if self.payloads is not None:
+            self.payloads.append(arg)
         if len(arg) >= 4 and arg[-1:] in (b".", ".") and self._nested_depth < MAX_NESTED_DEPTH:
             head = arg[:2].encode("latin-1", "replace") if isinstance(arg, str) else arg[:2]
             if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -148,10 +150,14 @@ class ValueOps(VMState):
     def op_BYTEARRAY8(self) -> None:
         data = self._take(self._u8(), "bytearray")
         self._charge(7 + (len(data) >> 3), "a bytearray")
+        if self.payloads is not None:
+            self.payloads.append(data)
         self._push(bytearray(data))
 
     def _py2_string(self, raw: bytes) -> None:
         self._charge(12 + (len(raw) >> 2), "a string")
+        if self.payloads is not None:
+            self.payloads.append(raw)
         try:
             self._push(raw.decode("utf-8"))
         except UnicodeDecodeError:
