@@ -28,6 +28,7 @@ from typing import Any
 
 from .version import __version__
 from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION, Out, error_fields, message, print_error, terminal_text
+from .cli_remote import Remote, parse_storage_options
 from .errors import IntegrityError, SafeCkptError, UnsafeCheckpointError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "SUBCOMMANDS", "Subcommand", "main"]
@@ -188,6 +189,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for URL arguments (s3://, gs://...); VALUE is JSON or text, a dotted KEY nests: "
+        "client_kwargs.endpoint_url=http://localhost:9000",
+    )
     parser = _Parser(
         prog="safeckpt",
         description="Inspect, convert, scan, verify, split, merge and compare PyTorch checkpoints without pickle.",
@@ -225,7 +234,7 @@ def _report(exc: BaseException, args: argparse.Namespace, out: Out) -> int:
     """One escaped error line on stderr (and the ``--json`` document); returns the exit code."""
     if args.debug:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        sys.stderr.write(terminal_text(text, keep_newlines=True))
+        sys.stderr.write(terminal_text(out.remote.shown(text), keep_newlines=True))
     text = message(exc)
     if not isinstance(exc, (SafeCkptError, OSError, ValueError, TypeError)):
         text = f"internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)"
@@ -256,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     out = Out(args)
     try:
+        out.remote = Remote(parse_storage_options(args.storage_option))
         return _run(args.target, out, args)
     except KeyboardInterrupt:
         print_error(args.command, "interrupted")
@@ -265,4 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as exc:  # noqa: BLE001  # every error becomes one line and an exit code; a traceback with --debug
         return _report(exc, args, out)
+    finally:
+        out.remote.close()
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .cli_remote import Remote
 from .errors import UnsafeCheckpointError
 
 __all__ = [
@@ -154,22 +155,24 @@ def print_error(command: str | None, text: str, stream: TextIO | None = None) ->
 class Out:
     """Where a command writes: human lines or one JSON document on stdout, errors and progress on stderr."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, remote: Remote | None = None) -> None:
         self.args = args
         self.json: bool = args.json
+        self.remote = remote if remote is not None else Remote()
+        """The command's URL arguments: what is printed names them, never their local copies."""
 
     def line(self, text: str = "") -> None:
         """One human line on stdout (nothing with ``--json``), escaped."""
         if not self.json:
-            print(terminal_text(text), file=sys.stdout)
+            print(terminal_text(self.remote.shown(text)), file=sys.stdout)
 
     def error(self, text: str) -> None:
         """One error line on stderr (also with ``--json``, whose document carries the details)."""
-        print_error(self.args.command, f"error: {text}")
+        print_error(self.args.command, f"error: {self.remote.shown(text)}")
 
     def warning(self, text: str) -> None:
         """One warning line on stderr."""
-        print_error(self.args.command, f"warning: {text}")
+        print_error(self.args.command, f"warning: {self.remote.shown(text)}")
 
     def table(self, rows: Sequence[Sequence[str]], indent: int = 2) -> None:
         """Rows of columns, every column but the last padded to its widest cell (at most 48)."""
@@ -184,11 +187,11 @@ class Out:
     def document(self, doc: dict[str, Any]) -> None:
         """The ``--json`` document (nothing without ``--json``); ``json.dumps`` escapes control characters."""
         if self.json:
-            body = {"schema_version": JSON_SCHEMA_VERSION, "command": self.args.command, **doc}
+            body = {"schema_version": JSON_SCHEMA_VERSION, "command": self.args.command, **self.remote.shown(doc)}
             print(json.dumps(body, indent=2, default=str, ensure_ascii=True), file=sys.stdout)
 
     def progress(self, label: str, total: int = 0, unit: str = "") -> Progress:
-        return Progress(label, total, enabled=not self.args.quiet, unit=unit)
+        return Progress(self.remote.shown(label), total, enabled=not self.args.quiet, unit=unit)
 
 
 # --------------------------------------------------------------------------- progress bar

@@ -131,7 +131,8 @@ def verified_digests(header: Header, skeleton: bytes) -> dict[str, str]:
         raise IntegrityError(
             f"{header.path}: the header has no readable {META_HEADER_DIGEST} and {META_DIGESTS} to verify "
             "(the file was modified, or written by an earlier safeckpt that did not digest its header); "
-            "load it with verify=False only if you trust it",
+            "load it with verify=False only if you trust it, and save it again (safeckpt convert OLD NEW) "
+            "to record the digest",
             tensor_name="<header>",
             file=header.path,
         )

@@ -52,6 +52,10 @@ class ReadOptions:
     copy: bool = False
     storage_options: Mapping[str, Any] | None = field(default=None)
 
+    def __post_init__(self) -> None:
+        # resolved once per read: a set's components share it, and each unresolved name is warned about once
+        object.__setattr__(self, "allowed_globals", AllowList(self.allowed_globals))
+
     @property
     def torch_device(self) -> torch.device:
         return torch.device("cuda", self.device) if isinstance(self.device, int) else torch.device(self.device)

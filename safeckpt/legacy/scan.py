@@ -36,7 +36,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..refs import GlobalRef, OpaqueObject
 from ..storage import local_text, open_file, open_source
 from .archive import open_archive
-from .nested import Budget, search_nested
+from .nested import Budget, search_payloads
 from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code
 from .vm import Finding, Report, SymbolicUnpickler
 
@@ -128,10 +128,14 @@ def _persistent(itemsizes: dict[str, int]) -> Any:
 
 
 def _pickle(s: _Scan, source: Any, persistent: Any = None) -> Any:
-    """Run one pickle inertly; search what it holds for hidden pickles."""
-    value = SymbolicUnpickler(source, s.report, s.limits, {}, persistent).load()
-    search_nested(value, s.report, s.limits, s.budget)
-    return value
+    """Run one pickle inertly; search every bytes and str value it carried for hidden pickles
+    (those it dropped too, and those made before it broke: ``pickle.load`` ran that far)."""
+    vm = SymbolicUnpickler(source, s.report, s.limits, {}, persistent)
+    vm.payloads = []
+    try:
+        return vm.load()
+    finally:
+        search_payloads(vm.payloads, s.report, s.limits, s.budget)
 
 
 # --------------------------------------------------------------------------- formats
