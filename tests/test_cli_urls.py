@@ -337,3 +337,30 @@ def test_a_text_file_is_one_error_naming_it(tmp_path: Path, s3: dict[str, Any], 
     with pytest.raises(FileNotFoundError, match="no such file") as missing:
         safeckpt.load(tmp_path / "nonexistent.pth")
     assert missing.value.filename == str(tmp_path / "nonexistent.pth") and "manifest" not in str(missing.value)
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def _modules_after(argv: list[str], cwd: Path) -> set[str]:
+    import sys
+
+    code = (
+        "import sys\n"
+        f"sys.argv = ['safeckpt', *{argv!r}]\n"
+        "from safeckpt.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "sys.stdout.write('\\nMODULES ' + ' '.join(sorted(sys.modules)))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return set(proc.stdout.rsplit("MODULES ", 1)[1].split())
+
+
+def test_scan_of_local_files_loads_neither_torch_numpy_nor_fsspec(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pth")
+    safeckpt.save_single_file(None, {"w": torch.ones(2)}, tmp_path / "b.safeckpt")
+    loaded = _modules_after(["scan", "-q", str(tmp_path)], tmp_path)
+    assert "safeckpt.legacy.scan" in loaded  # it did scan
+    assert not {"torch", "numpy", "fsspec"} & loaded
+    assert "safeckpt.cli_remote" not in _modules_after(["--help"], tmp_path)
