@@ -86,8 +86,15 @@ class Remote:
     # ------------------------------------------------------------------ what a path argument is
 
     def fs(self, url: str) -> tuple[Any, str]:
-        """The fsspec filesystem of ``url`` and the path inside it."""
-        return url_to_fs(url, self.options)
+        """The fsspec filesystem of ``url`` and the path inside it.
+
+        Raises:
+            ValueError: naming ``url``, for a protocol fsspec does not know or whose package is not installed.
+        """
+        try:
+            return url_to_fs(url, self.options)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"{url}: cannot open this URL: {exc}") from exc
 
     def is_dir(self, arg: str) -> bool:
         """True when ``arg`` (a path or URL) is a directory (on an object store: a prefix with objects under it)."""

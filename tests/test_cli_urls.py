@@ -272,6 +272,13 @@ def test_memory_urls_in_process(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert err.count("\n") == 1 and f"{root}/nothing.pth" in err and TEMP_MARK not in err
 
 
+def test_an_unknown_protocol_is_one_error_naming_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("inspect", "scan", "convert", "verify"):
+        assert main([command, "nosuchproto://b/x.pth"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "nosuchproto://b/x.pth: cannot open this URL" in err and "internal" not in err
+
+
 def test_parse_storage_options() -> None:
     assert parse_storage_options(["anon=true", "client_kwargs.endpoint_url=http://h:1", "client_kwargs.region_name=eu",
                                   'config_kwargs={"retries": {"max_attempts": 2}}', "key=abc"]) == {
