@@ -483,7 +483,7 @@ def sharded(data: bytes) -> None:
     1. the index file, next to the fixed valid shard.
     """
     from safeckpt.distributed import consolidate, load_sharded
-    from safeckpt.distributed.sharded import META_NAME, _meta_bytes_writer
+    from safeckpt.distributed.sharded_index import META_NAME, index_writer
 
     if not data:
         return
@@ -492,7 +492,7 @@ def sharded(data: bytes) -> None:
     _write(directory / "safeckpt-shards" / SHARD, body if mode == 0 else shard)
     if mode == 0:
         with open(directory / META_NAME, "wb") as f:
-            _meta_bytes_writer({**document, "shards": [[SHARD, len(body)]]})(f)
+            index_writer({**document, "shards": [[SHARD, len(body)]]})(f)
     else:
         _write(directory / META_NAME, body)
     _expect(load_sharded, directory, limits=LIMITS, no_dist=True)

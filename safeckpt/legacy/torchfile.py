@@ -22,6 +22,7 @@ import pickletools
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -102,6 +103,8 @@ class _Reader:
         self.report = report
         self.rebuild = Rebuilder(limits)
         self._mapping: np.ndarray | None = None
+        self._meta = device.type == "meta"
+        self._cpu = device.type == "cpu"
 
     def unpickler(self, source: Any, persistent_load: Any = None) -> SymbolicUnpickler:
         return SymbolicUnpickler(
@@ -145,10 +148,15 @@ class _Reader:
         return data.clone() if self.copy else data
 
     def place(self, data: torch.Tensor) -> torch.Tensor:
-        return data if self.device.type == "cpu" else data.to(self.device)
+        return data if self._cpu else data.to(self.device)
+
+    def placed_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
+        """:meth:`file_bytes` on the target device."""
+        data = self.file_bytes(offset, nbytes)
+        return data if self._cpu else data.to(self.device)
 
     def meta_or(self, nbytes: int, load: Any) -> Any:
-        if self.device.type == "meta":  # scanning: no bytes are read
+        if self._meta:  # scanning: no bytes are read
             return lambda: torch.empty(nbytes, dtype=torch.uint8, device="meta")
         return lambda: self.place(load())
 
@@ -192,6 +200,7 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
     limits.check("max_skeleton_bytes", info.size, what="the size of data.pkl", file=path)
     data = archive.read(info, limits)
     storages: dict[str, StorageRef] = {}
+    plain = order == "little" and not reader._meta
 
     def member_bytes(member: Member, itemsize: int) -> torch.Tensor:
         if member.size == 0:
@@ -206,8 +215,9 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
 
     def persistent_load(pid: Any) -> StorageRef:
         kind, key, location, numel, _ = reader.storage_pid(pid)
-        if key in storages:
-            return storages[key]
+        ref = storages.get(key)
+        if ref is not None:
+            return ref
         member = archive.find(f"data/{key}")
         if member is None:
             raise CheckpointFormatError(f"{path}: storage {key!r:.50} is missing from the archive", file=path)
@@ -216,9 +226,12 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
             raise CheckpointFormatError(
                 f"{path}: storage {key!r:.50} holds {member.size} bytes, its reference says {nbytes}", file=path
             )
-        load = reader.meta_or(nbytes, lambda: member_bytes(member, swap_size(kind.dtype)))
-        storages[key] = StorageRef(key, kind.dtype, nbytes, load)
-        return storages[key]
+        if plain and member.method == 0 and nbytes:  # the common case: one slice of the mapping, no swap
+            load: Any = partial(reader.placed_bytes, member.data_offset, nbytes)
+        else:
+            load = reader.meta_or(nbytes, partial(member_bytes, member, swap_size(kind.dtype)))
+        ref = storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+        return ref
 
     value = reader.unpickler(io.BytesIO(data), persistent_load).load()
     if not script:
