@@ -28,7 +28,6 @@ from typing import Any
 
 from .version import __version__
 from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION, Out, error_fields, message, print_error, terminal_text
-from .cli_remote import Remote, parse_storage_options
 from .errors import IntegrityError, SafeCkptError, UnsafeCheckpointError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "SUBCOMMANDS", "Subcommand", "main"]
@@ -212,8 +211,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(target: str, out: Out, args: argparse.Namespace) -> int:
+    """Import the command's module and :mod:`.cli_remote` (URL arguments, ``--storage-option``) and run it."""
     module_name, _, function = target.partition(":")
     module = importlib.import_module(f"{__package__}.{module_name}")
+    remote = importlib.import_module(f"{__package__}.cli_remote")
+    out.remote = remote.Remote(remote.parse_storage_options(args.storage_option))
     return int(getattr(module, function)(out, args))
 
 
@@ -265,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     out = Out(args)
     try:
-        out.remote = Remote(parse_storage_options(args.storage_option))
         return _run(args.target, out, args)
     except KeyboardInterrupt:
         print_error(args.command, "interrupted")

@@ -211,7 +211,10 @@ def _convert_one(src: Place, dst: Place | None, args: argparse.Namespace, allowe
 def cmd_convert(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt convert``."""
     if args.hf:
-        return cmd_convert_hf(out, args)
+        hf_allowed, hf_problems = resolve_globals(list(args.allow_global))
+        for problem in hf_problems:
+            out.warning(problem)
+        return cmd_convert_hf(out, args, hf_allowed)
     if args.keys and not args.multi:
         raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
     if args.in_place and args.multi:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli_remote import Remote
 from .errors import UnsafeCheckpointError
 
 __all__ = [
@@ -152,14 +151,34 @@ def print_error(command: str | None, text: str, stream: TextIO | None = None) ->
 # --------------------------------------------------------------------------- output
 
 
+class LocalOnly:
+    """What :attr:`Out.remote` is before a command runs: no URL arguments, nothing to rename.
+
+    :mod:`safeckpt.cli_remote` (which imports the storage layer) is loaded only when a
+    command runs, so ``--help`` and ``--version`` stay fast.
+    """
+
+    options: dict[str, Any] = {}
+
+    def shown(self, value: Any) -> Any:
+        return value
+
+    def local(self, arg: str, *, recursive: bool = True) -> str:
+        return arg
+
+    def close(self) -> None:
+        pass
+
+
 class Out:
     """Where a command writes: human lines or one JSON document on stdout, errors and progress on stderr."""
 
-    def __init__(self, args: argparse.Namespace, remote: Remote | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, remote: Any = None) -> None:
         self.args = args
         self.json: bool = args.json
-        self.remote = remote if remote is not None else Remote()
-        """The command's URL arguments: what is printed names them, never their local copies."""
+        self.remote: Any = remote if remote is not None else LocalOnly()
+        """The command's URL arguments (a :class:`safeckpt.cli_remote.Remote`, set by :func:`safeckpt.cli.main`
+        when a command runs): what is printed names them, never their local copies."""
 
     def line(self, text: str = "") -> None:
         """One human line on stdout (nothing with ``--json``), escaped."""

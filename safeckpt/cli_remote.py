@@ -86,8 +86,15 @@ class Remote:
     # ------------------------------------------------------------------ what a path argument is
 
     def fs(self, url: str) -> tuple[Any, str]:
-        """The fsspec filesystem of ``url`` and the path inside it."""
-        return url_to_fs(url, self.options)
+        """The fsspec filesystem of ``url`` and the path inside it.
+
+        Raises:
+            ValueError: naming ``url``, for a protocol fsspec does not know or whose package is not installed.
+        """
+        try:
+            return url_to_fs(url, self.options)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"{url}: cannot open this URL: {exc}") from exc
 
     def is_dir(self, arg: str) -> bool:
         """True when ``arg`` (a path or URL) is a directory (on an object store: a prefix with objects under it)."""
@@ -227,6 +234,35 @@ class Remote:
         if named:
             available = set(self._siblings(fs, parent, lambda n: n in named))
             self._get_siblings(fs, parent, sorted(available - {name}), root, url)
+
+    # ------------------------------------------------------------------ writing: local work, then upload
+
+    def is_remote(self, arg: Any) -> bool:
+        """True for a URL that is not a local ``file://`` one."""
+        return _is_remote(arg)
+
+    def workspace(self, url: str) -> str:
+        """An empty local directory standing for the directory ``url`` (named back as ``url``)."""
+        local = tempfile.mkdtemp(prefix="remote-", dir=self._temp_root())
+        self._names.append((local, url.rstrip("/")))
+        self._names.sort(key=lambda pair: len(pair[0]), reverse=True)
+        return local
+
+    def upload(self, local_root: str, url: str, files: list[str] | None = None) -> list[str]:
+        """Upload ``files`` (default: every file under ``local_root``) to the same places under ``url``.
+
+        JSON files (a shard index, a manifest) go last, so that what names the others
+        appears only once they are all there. Returns the URLs written.
+        """
+        if files is None:
+            files = [os.path.join(d, f) for d, _, names in os.walk(local_root) for f in names]
+        fs, root = self.fs(url)
+        written = []
+        for local in sorted(files, key=lambda f: (f.endswith(".json"), f)):
+            rel = os.path.relpath(local, local_root).replace(os.sep, "/")
+            fs.put_file(local, posixpath.join(root.rstrip("/"), rel))
+            written.append(f"{url.rstrip('/')}/{rel}")
+        return written
 
     # ------------------------------------------------------------------ naming back
 

@@ -234,6 +234,10 @@ class AllowList:
     maps each such name to the reason. Nothing else is imported to build it.
     """
 
+    names: frozenset[str]
+    refused: frozenset[str]
+    unresolved: dict[str, str]
+
     def __init__(self, allowed: Iterable[Any] | AllowList = ()) -> None:
         if isinstance(allowed, AllowList):  # already resolved (and warned about) once for this read
             self.names, self.refused, self.unresolved = allowed.names, allowed.refused, dict(allowed.unresolved)
@@ -261,7 +265,7 @@ class AllowList:
             )
         self.names = frozenset(names - refused - set(unresolved))
         self.refused = frozenset(refused)
-        self.unresolved: dict[str, str] = unresolved
+        self.unresolved = unresolved
 
     def __bool__(self) -> bool:
         return bool(self.names)

@@ -272,6 +272,13 @@ def test_memory_urls_in_process(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert err.count("\n") == 1 and f"{root}/nothing.pth" in err and TEMP_MARK not in err
 
 
+def test_an_unknown_protocol_is_one_error_naming_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("inspect", "scan", "convert", "verify"):
+        assert main([command, "nosuchproto://b/x.pth"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "nosuchproto://b/x.pth: cannot open this URL" in err and "internal" not in err
+
+
 def test_parse_storage_options() -> None:
     assert parse_storage_options(["anon=true", "client_kwargs.endpoint_url=http://h:1", "client_kwargs.region_name=eu",
                                   'config_kwargs={"retries": {"max_attempts": 2}}', "key=abc"]) == {
@@ -337,3 +344,85 @@ def test_a_text_file_is_one_error_naming_it(tmp_path: Path, s3: dict[str, Any], 
     with pytest.raises(FileNotFoundError, match="no such file") as missing:
         safeckpt.load(tmp_path / "nonexistent.pth")
     assert missing.value.filename == str(tmp_path / "nonexistent.pth") and "manifest" not in str(missing.value)
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def _modules_after(argv: list[str], cwd: Path) -> set[str]:
+    import sys
+
+    code = (
+        "import sys\n"
+        f"sys.argv = ['safeckpt', *{argv!r}]\n"
+        "from safeckpt.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "sys.stdout.write('\\nMODULES ' + ' '.join(sorted(sys.modules)))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return set(proc.stdout.rsplit("MODULES ", 1)[1].split())
+
+
+def test_scan_of_local_files_loads_neither_torch_numpy_nor_fsspec(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pth")
+    safeckpt.save_single_file(None, {"w": torch.ones(2)}, tmp_path / "b.safeckpt")
+    loaded = _modules_after(["scan", "-q", str(tmp_path)], tmp_path)
+    assert "safeckpt.legacy.scan" in loaded  # it did scan
+    assert not {"torch", "numpy", "fsspec"} & loaded
+    assert "safeckpt.cli_remote" not in _modules_after(["--help"], tmp_path)
+
+
+# --------------------------------------------------------------------------- the integrations' commands
+
+
+def _memory_put(local: Path, url: str) -> None:
+    fsspec.filesystem("memory").put_file(str(local), url)
+
+
+def test_convert_hf_from_and_to_memory_urls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = f"memory://hf-{uuid.uuid4().hex[:8]}"
+    weights = {"emb.weight": torch.randn(4, 3), "head.bias": torch.zeros(4)}
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text('{"model_type": "toy"}')
+    _memory_put(tmp_path / "pytorch_model.bin", f"{root}/src/pytorch_model.bin")
+    _memory_put(tmp_path / "config.json", f"{root}/src/config.json")
+    assert main(["convert", "--hf", f"{root}/src", f"{root}/dst"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"converted {root}/src -> {root}/dst: model.safetensors") and TEMP_MARK not in out
+    mem = fsspec.filesystem("memory")
+    assert mem.exists(f"{root}/dst/config.json")
+    with safeckpt.open(f"{root}/dst/model.safetensors") as ckpt:
+        assert torch.equal(ckpt.get_tensor("emb.weight"), weights["emb.weight"])
+    assert main(["convert", "--hf", f"{root}/src", f"{root}/dst"]) == 2  # the output exists
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists" in err and TEMP_MARK not in err
+    assert main(["convert", "--hf", f"{root}/src"]) == 0  # in place: written back beside the .bin
+    assert mem.exists(f"{root}/src/model.safetensors") and mem.exists(f"{root}/src/pytorch_model.bin")
+    assert main(["convert", "--hf", f"{root}/src", "--remove-legacy", "--overwrite"]) == 2
+    assert "local folder only" in capsys.readouterr().err
+
+
+def test_sign_and_verify_signature_of_a_memory_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("model_signing")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "k.pem", tmp_path / "k.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    url = f"memory://sig-{uuid.uuid4().hex[:8]}/ckpt.safeckpt"
+    safeckpt.save_single_file(None, state(1), url)
+    assert main(["sign", url, "--key", str(private)]) == 0
+    assert capsys.readouterr().out.strip() == f"signed {url} -> {url}.sig"
+    assert fsspec.filesystem("memory").exists(f"{url}.sig")
+    assert main(["verify", url, "--signature", f"{url}.sig", "--public-key", str(public)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK {url}: the signature verifies") and TEMP_MARK not in out
+    fsspec.filesystem("memory").pipe_file(url, b"tampered" + fsspec.filesystem("memory").cat_file(url)[8:])
+    assert main(["verify", url, "--signature", f"{url}.sig", "--public-key", str(public)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED") and TEMP_MARK not in out and "/remote-" not in out

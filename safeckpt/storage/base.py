@@ -14,9 +14,10 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only names a return type here: `safeckpt scan` never loads it (start-up)
+    import numpy as np
 
 __all__ = ["ByteSource", "FileRecord", "Storage", "unmatched"]
 
