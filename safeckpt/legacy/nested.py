@@ -20,8 +20,8 @@ shortly before every STACK_GLOBAL; each candidate is run by the no-execution VM
 (with its limits) from there. One that names a global before STOP or before it
 breaks (``pickle.loads`` has run that far by then) is reported with what it
 names (past offset 0 only when that is dangerous: text can parse as a GLOBAL by chance), and what it holds is searched in turn, :data:`MAX_DEPTH` levels deep.
-The work is bounded: the bytes the candidates consume are charged to a
-:class:`Budget` proportional to the file; when it runs out the search stops with
+The work is bounded: the bytes the candidates consume, and a fixed cost per
+candidate run, are charged to a :class:`Budget` proportional to the file; when it runs out the search stops with
 a "suspicious" finding, never a silent "safe".
 """
 
@@ -47,6 +47,8 @@ _STACK_GLOBAL = re.compile(rb"\x93")
 _STRING_OP = re.compile(rb"[\x8cXVUTSB]")
 _LOOKBACK = 512  # STACK_GLOBAL: string opcodes this far back are candidate starts
 _PER_STACK_GLOBAL = 32
+_READ_AHEAD = 256
+_RUN_COST = 64  # bytes of budget one candidate costs besides those it reads (starting the VM is not free)
 
 
 class Budget:
@@ -173,12 +175,13 @@ def search_payloads(payloads: list[Any], report: Report, limits: Limits, budget:
             ok = False
             unpickler = SymbolicUnpickler(window, nested, limits, {}, None, nested_depth=MAX_DEPTH)
             unpickler.payloads = []
+            unpickler.read_ahead = _READ_AHEAD  # most candidates break within bytes: copy little
             try:
                 unpickler.load()
                 ok = True
             except CheckpointFormatError:
                 pass
-            budget.spend(max(1, getattr(unpickler, "bytes_read", window.high - start)))
+            budget.spend(_RUN_COST + max(1, getattr(unpickler, "bytes_read", window.high - start)))
             if not nested.uses or (start and not nested.dangerous):
                 continue  # no global; or text mid-value that parses by chance and names nothing dangerous
             covered = window.tell() if ok else covered

@@ -2,7 +2,8 @@
 
 - the zip archive of torch >= 1.6: ``<name>/data.pkl`` plus one member per storage
   (``<name>/data/<key>``), stored uncompressed; storages are memory-mapped
-  copy-on-write straight from the file;
+  copy-on-write straight from the file (a deflated one, which torch also reads, is
+  inflated within ``Limits.max_inflated_bytes``);
 - the pre-1.6 stream: a magic-number pickle, a protocol pickle, a sys-info
   pickle, the main pickle, a pickle listing storage keys, then each storage as
   an int64 element count followed by its bytes;
@@ -205,9 +206,10 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
     def member_bytes(member: Member, itemsize: int) -> torch.Tensor:
         if member.size == 0:
             return torch.empty(0, dtype=torch.uint8)
-        if member.method != 0:  # torch.save never compresses storages
-            raise CheckpointFormatError(f"{path}: storage member {member.name} is compressed", file=path)
-        tensor = reader.file_bytes(member.data_offset, member.size)
+        if member.method != 0:  # torch.save never deflates storages, torch.load reads them: inflated within limits
+            tensor = torch.frombuffer(bytearray(archive.read(member, limits)), dtype=torch.uint8)
+        else:
+            tensor = reader.file_bytes(member.data_offset, member.size)
         if order == "big" and itemsize > 1:
             swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
             tensor = torch.from_numpy(swapped)

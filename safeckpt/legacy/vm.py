@@ -105,7 +105,8 @@ class SymbolicUnpickler(ObjectOps):
         self.spent = 0
         self._grows = _allowance is None  # a nested pickle spends what its outer one allows
         self._cap = limits.max_pickle_work if _allowance is None else _allowance
-        self._table = [getattr(self, _HANDLERS.get(code, "_unknown")) for code in range(256)]
+        bound = {name: getattr(self, name) for name in _HANDLER_NAMES}  # each handler bound once, not per byte value
+        self._table = [bound[name] for name in _TABLE_NAMES]
 
     # driver -----------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class SymbolicUnpickler(ObjectOps):
 
 
 _HANDLERS = {op.code.encode("latin-1")[0]: "op_" + op.name for op in pickletools.opcodes}
+_TABLE_NAMES = [_HANDLERS.get(code, "_unknown") for code in range(256)]
+_HANDLER_NAMES = frozenset(_TABLE_NAMES)
 
 
 def make_pending(finish: Callable[[Any], Any], placeholder: OpaqueObject) -> _Pending:
