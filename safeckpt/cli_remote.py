@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .storage.fsspec_store import url_to_fs
+from .storage import local_text
 from .storage.paths import is_url
 
 __all__ = ["Remote", "parse_storage_options"]
@@ -68,7 +69,7 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def _is_remote(arg: Any) -> bool:
-    return is_url(arg) and not str(arg).startswith("file://")
+    return is_url(arg) and local_text(arg) is None
 
 
 class Remote:
@@ -152,10 +153,9 @@ class Remote:
         Raises:
             FileNotFoundError: naming ``arg``, when there is nothing there.
         """
-        if not is_url(arg):
-            return arg
-        if not _is_remote(arg):
-            return arg.removeprefix("file://")
+        local = local_text(arg)
+        if local is not None:  # a path, or a file:// URL without its scheme
+            return local
         fs, path = self.fs(arg)
         path = path.rstrip("/")
         url = arg.rstrip("/")
