@@ -285,7 +285,9 @@ def _names_seeds() -> Iterator[tuple[str, bytes]]:
     for i in range(8):
         yield f"n_structured_{i}", bytes([0 if i % 2 else 3, 7 * i, i, i + 1, 2])
     for name in ("torch:serialization.os.system", "posixpath:os.system", "__builtin__:eval", "commands:getoutput",
-                 "collections:OrderedDict", "builtins:range", "torch.nn.modules.linear:Linear", "numpy:ndarray"):
+                 "collections:OrderedDict", "builtins:range", "torch.nn.modules.linear:Linear", "numpy:ndarray",
+                 "_operator:attrgetter", "numpy._core.memmap:memmap", "torch:UntypedStorage.from_file",
+                 "logging:FileHandler", "_frozen_importlib:_gcd_import", "torch.utils.model_zoo:load_url"):
         module, qualname = name.split(":")
         yield f"n_free_{module}_{qualname}", b"\x01" + f"{module}\n{qualname}".encode()
         yield f"n_stack_{module}_{qualname}", b"\x04" + f"{module}\n{qualname}".encode()

@@ -9,7 +9,6 @@ manifest (or its file name, when discovered) lists it for.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from .multifile import (
     MANIFEST_SUFFIX,
     check_entry_in,
     discover_in,
-    parse_manifest,
+    manifest_from,
     read_manifest_in,
     source_digest,
     split_base,
@@ -53,6 +52,10 @@ class ReadOptions:
     limits: Limits = DEFAULT_LIMITS
     copy: bool = False
     storage_options: Mapping[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        # resolved once per read: a set's components share it, and each unresolved name is warned about once
+        object.__setattr__(self, "allowed_globals", AllowList(self.allowed_globals))
 
     @property
     def torch_device(self) -> torch.device:
@@ -115,8 +118,7 @@ def load_source(source: ByteSource, options: ReadOptions) -> Any:
             with _checkpoint(source, options) as ckpt:
                 return ckpt.load()
         if kind is Kind.MANIFEST:
-            options.limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
-            parse_manifest(source.read(0, source.size), source.name, options.limits)  # other JSON: not a checkpoint
+            manifest_from(source, options.limits)  # other JSON: not a checkpoint
             raise CheckpointFormatError(f"{source.name} is a multi-file manifest; use load_multi_files() or load()", file=source.name)
         return _load_torch(source, options)  # torch.save archives, pre-1.6 streams, bare pickles, unknown bytes
     except SafeCkptError as exc:
@@ -142,16 +144,12 @@ def _checkpoint(source: ByteSource, options: ReadOptions) -> Checkpoint:
 
 
 def _load_torch(source: ByteSource, options: ReadOptions) -> Any:
-    local = source.local_path
-    if local is not None:
-        return _load_torch_path(local, source.name, options)
-    with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:  # fetched whole: the reader needs a file
-        temp = Path(tmp) / os.path.basename(source.name.rstrip("/"))
-        temp.write_bytes(source.read(0, source.size))
+    with source.local_copy() as local:  # a remote file is fetched whole: the reader needs a file
         try:
-            return _load_torch_path(temp, source.name, options)
+            return _load_torch_path(local, source.name, options)
         except SafeCkptError as exc:
-            _name_the_file(exc, source.name, temp=str(temp))
+            if source.local_path is None:
+                _name_the_file(exc, source.name, temp=str(local))
             raise
 
 

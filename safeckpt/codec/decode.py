@@ -17,7 +17,7 @@ from ..errors import CheckpointFormatError, LimitExceededError, SafeCkptError
 from ..keyhash import count_equal_hashes
 from ..limits import Limits
 from ..refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
-from ..tensors import DTYPES_BY_NAME, ViewScope, view_tensor
+from ..tensors import DTYPES_BY_NAME, ViewScope, torch_size, view_tensor
 from .types import PARAMETER, REQUIRES_GRAD, Ext, Tag, array_from_bytes, fail, numpy_dtype
 
 __all__ = ["Decoder"]
@@ -220,9 +220,10 @@ class Decoder:
         return out
 
     def _size(self, body: list[Any]) -> torch.Size:
-        if len(body) > self._limits.max_dims or not all(type(v) is int for v in body):
-            raise fail("malformed torch.Size")
-        return torch.Size(body)
+        try:
+            return torch_size(body, limits=self._limits)
+        except CheckpointFormatError as exc:
+            raise fail(str(exc)) from None
 
     def _entry_tensor(self, entry: Any, view: Any, *, for_array: bool = False) -> torch.Tensor:
         if type(entry) is not str:

@@ -7,7 +7,7 @@ and it cannot tell *how* a global is used (called, instantiated, or merely
 named), which scanning needs. Here every opcode of protocols 0-5 is handled
 explicitly, by a dispatch table of handlers (the bytes are decoded by
 :mod:`.source` as Python's ``pickle`` decodes them). Globals are looked up in
-:mod:`.policy` by name only:
+:mod:`..policy` by name only:
 
 - allowed names run safeckpt's own re-implementation (:mod:`.rebuild`);
 - dangerous names are recorded (all of them, so the error can list every one)
