@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "safeckpt"
 README = PACKAGE.parent / "README.md"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("version", "errors", "text", "attrs", "limits", "policy", "handler", "tensor_plan", "tensors", "refs", "stream", "detect", "storage")),
+    ("foundations", ("version", "errors", "text", "attrs", "limits", "keyhash", "policy", "handler", "tensor_plan", "tensors", "refs", "stream", "detect", "storage")),
     ("codec", ("codec", "container", "header", "legacy")),
     ("layouts", ("multifile", "snapshot")),
     ("reader/writer", ("checkpoint", "reader", "writer")),
