@@ -119,8 +119,9 @@ class ObjectOps(ValueOps):
             if type(arg) in _SIZED:
                 units += shallow_units(arg)
         if implementation is not None and not kwargs:
-            counts: dict[int, int] = {}
+            counts: dict[int, int] | None = None
             if hashes and len(args) == 1:  # set(), frozenset(), OrderedDict() hash what they get
+                counts = {}
                 units += self._key_cost(_hashed_keys(hashes, args[0]), None, counts)
             self._charge(2 * units, f"a call of {name}")
             try:
@@ -131,7 +132,8 @@ class ObjectOps(ValueOps):
                 raise self._error(f"bad arguments for {name}: {type(exc).__name__}: {str(exc)[:200]}") from exc
             if type(value) is _Pending:
                 self._pending = True
-            self._hashes.adopt(value, counts)  # later SETITEMS/ADDITEMS count on
+            if counts:
+                self._hashes.adopt(value, counts)  # later SETITEMS/ADDITEMS count on
             self._push(value)
             return
         kwargs = dict(kwargs or {})

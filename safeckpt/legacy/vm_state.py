@@ -97,6 +97,8 @@ class VMState(PickleSource):
                 else:
                     odd.append(value)
         if odd is not None:
+            if self.spent + total > self._cap:  # hashing them again to count is what was just priced: refuse first
+                self._over(self.spent + total, "hashing keys")
             hashes = self._hashes
             if counts is None:
                 counts = hashes.counts_of(container)
