@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import targets_hashflood
 import targets_vm_budget
 import targets_scan_archive
 import targets_views
@@ -275,6 +276,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "views": list(targets_views.seeds()),
         "integrations": list(targets_integrations.seeds()),
         "values": _values_seeds(),
+        "hashflood": targets_hashflood.seeds(),
     }
 
 
@@ -283,7 +285,9 @@ def _names_seeds() -> Iterator[tuple[str, bytes]]:
     for i in range(8):
         yield f"n_structured_{i}", bytes([0 if i % 2 else 3, 7 * i, i, i + 1, 2])
     for name in ("torch:serialization.os.system", "posixpath:os.system", "__builtin__:eval", "commands:getoutput",
-                 "collections:OrderedDict", "builtins:range", "torch.nn.modules.linear:Linear", "numpy:ndarray"):
+                 "collections:OrderedDict", "builtins:range", "torch.nn.modules.linear:Linear", "numpy:ndarray",
+                 "_operator:attrgetter", "numpy._core.memmap:memmap", "torch:UntypedStorage.from_file",
+                 "logging:FileHandler", "_frozen_importlib:_gcd_import", "torch.utils.model_zoo:load_url"):
         module, qualname = name.split(":")
         yield f"n_free_{module}_{qualname}", b"\x01" + f"{module}\n{qualname}".encode()
         yield f"n_stack_{module}_{qualname}", b"\x04" + f"{module}\n{qualname}".encode()
@@ -319,7 +323,7 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
 
 
 # Every harness: those of targets.TARGETS and those whose targets live in their own targets_<name>.py.
-OWN_TARGET_HARNESSES = {*targets.TARGETS, "vm_budget", "names", "scan_archive", "views", "values", "integrations"}
+OWN_TARGET_HARNESSES = {*targets.TARGETS, "vm_budget", "names", "scan_archive", "views", "values", "integrations", "hashflood"}
 
 
 def main(argv: list[str] | None = None) -> int:

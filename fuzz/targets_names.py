@@ -36,6 +36,9 @@ DANGEROUS_TARGETS = (
     "importlib.import_module", "runpy.run_path", "pydoc.pipepager", "torch.hub.load", "torch.load",
     "torch.storage._load_from_bytes", "torch.utils.collect_env.run", "shutil.rmtree", "pty.spawn", "ctypes.CDLL",
     "numpy.testing._private.utils.runstring", "types.CodeType", "operator.methodcaller", "functools.partial",
+    "_operator.attrgetter", "_functools.partial", "_frozen_importlib._gcd_import", "logging.FileHandler",
+    "numpy._core.memmap.memmap", "numpy.lib._npyio_impl.load", "torch.utils.model_zoo.load_url",
+    "torch.UntypedStorage.from_file", "torch.classes.load_library", "faulthandler._sigsegv",
 )
 PY2 = {"builtins": "__builtin__", "subprocess": "commands", "pickle": "cPickle", "os": "posix"}
 PREFIXES = ("", "torch.", "torch.serialization.", "torch._utils.", "numpy.", "collections.", "mod.a.b.")

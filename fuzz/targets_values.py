@@ -16,6 +16,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 import safeckpt
 from safeckpt.cli_diff import diff_states
 from safeckpt.cli_report import verify_file, view_file
@@ -59,6 +61,8 @@ def seeds() -> list[bytes]:
 
     out.append(b"\x01" + pack([TAGS[Tag.ORDERED_DICT], {"keys": 1}, "a", 1]))
     out.append(b"\x01" + pack([TAGS[Tag.ORDERED_DICT], {"_metadata": {"x": 1}}, "a", 1]))
+    out.append(b"\x01" + pack([TAGS[Tag.SIZE], msgpack.ExtType(2, (2**100).to_bytes(14, "big")), -(2**63)]))  # torch.Size past int64
+    out.append(b"\x00\x80\x02}X\x01\x00\x00\x00xctorch\nSize\n\x8a\x0e" + b"\xff" * 13 + b"\x7f\x85\x85Rs.")
     return out
 
 

@@ -27,6 +27,7 @@ import _compat_pickle
 __all__ = [
     "ALLOWED",
     "DANGEROUS_GLOBALS",
+    "DANGEROUS_LEAVES",
     "DANGEROUS_MODULES",
     "DANGEROUS_MODULE_REASONS",
     "DANGEROUS_PREFIXES",
@@ -104,23 +105,37 @@ for _dtype in (
 DANGEROUS_MODULE_REASONS: dict[str, str] = {
     "os posix nt sys subprocess _posixsubprocess pty signal resource fcntl pwd grp termios platform sysconfig "
     "_multiprocessing multiprocessing concurrent threading _thread asyncio _winapi msvcrt winreg _osx_support "
-    "mailcap": "processes, shells, signals and the interpreter's own state",
-    "importlib imp pkgutil runpy zipimport site": "imports or runs modules by name",
+    "mailcap faulthandler tty _posixshmem _xxsubinterpreters _interpreters _xxinterpchannels _testcapi "
+    "_testinternalcapi": "processes, shells, signals and the interpreter's own state (faulthandler._sigsegv "
+    "crashes it, _xxsubinterpreters.run_string runs source)",
+    "importlib imp _imp _frozen_importlib _frozen_importlib_external pkgutil runpy zipimport site unittest "
+    "_sitebuiltins": "imports or runs modules by name (_frozen_importlib is importlib's bootstrap, "
+    "unittest.mock._importer and unittest.main import by name, _sitebuiltins' help runs pydoc's pager)",
     "code codeop pdb bdb timeit profile cProfile trace doctest inspect gc idlelib tkinter turtle pydoc pydoc_data "
     "ast dis compileall py_compile tokenize linecache": "compiles, runs or debugs source text (pydoc.pipepager runs a shell)",
     "pickle _pickle cPickle pickletools dill cloudpickle joblib marshal shelve yaml jsonpickle": "deserialisers that run code",
     "ctypes _ctypes cffi mmap": "native code and raw memory",
     "socket _socket ssl select selectors urllib urllib2 http httplib ftplib smtplib telnetlib poplib imaplib "
-    "nntplib xmlrpc socketserver requests httpx aiohttp paramiko webbrowser": "the network",
+    "nntplib xmlrpc socketserver requests httpx aiohttp paramiko webbrowser antigravity": "the network (importing "
+    "antigravity opens a web browser)",
     "shutil tempfile io _io fileinput posixpath ntpath genericpath pathlib glob zipfile tarfile gzip bz2 lzma dbm "
-    "sqlite3 logging.config": "the file system (posixpath and ntpath are os.path and re-export os)",
+    "sqlite3 logging.config logging.handlers wave aifc sunau mailbox readline rlcompleter zipapp": "the file "
+    "system (posixpath and ntpath are os.path and re-export os; wave.open, mailbox.Maildir, "
+    "readline.write_history_file and logging's handlers create files)",
     "setuptools distutils pip ensurepip venv": "build tools that spawn processes",
     "torch.jit torch.hub torch.package torch.utils.cpp_extension torch._dynamo torch._inductor torch.ops torch._ops "
     "torch.fx torch.distributed.rpc torch.serialization torch.multiprocessing torch.utils.collect_env "
-    "torch.utils.data.datapipes torch._export torch.export torch.compiler": "torch loaders, compilers, hub "
-    "downloads, operator registries and collect_env.run (a shell command)",
-    "numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio": "numpy runstring, compilers, "
-    "native loading and pickle-enabled loaders",
+    "torch.utils.data.datapipes torch._export torch.export torch.compiler torch.utils.model_zoo torch.classes "
+    "torch._classes torch.library torch._library torch.testing._internal torch.distributed.distributed_c10d "
+    "torch.distributed.elastic torch.distributed.launcher torch.distributed.run torch.distributed.launch "
+    "torch.utils.benchmark torch.utils.tensorboard torch.onnx torch.utils.show_pickle torch.cuda.memory": "torch "
+    "loaders, compilers, hub downloads (model_zoo.load_url), operator and class registries "
+    "(classes.load_library loads a shared library), collect_env.run and the test helpers' shell (shell "
+    "commands), c10d's object collectives (they unpickle), elastic's process launchers, and writers "
+    "of files (tensorboard, onnx, memory snapshots)",
+    "numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio numpy.lib._npyio_impl "
+    "numpy.lib._datasource numpy._pytesttester": "numpy runstring, compilers, native loading, pickle-enabled "
+    "loaders and file readers and writers (numpy 2 defines them in private modules), and the test runner",
 }
 DANGEROUS_MODULES: frozenset[str] = frozenset(n for names in DANGEROUS_MODULE_REASONS for n in names.split())
 
@@ -136,7 +151,8 @@ DANGEROUS_GLOBALS: frozenset[str] = frozenset(
     copyreg:add_extension copyreg:remove_extension copyreg:_reduce_ex copyreg:__reduce_ex__
     types:FunctionType types:LambdaType types:CodeType types:MethodType types:ModuleType types:new_class
     functools:partial numpy.lib.format:read_array numpy.lib.format:open_memmap torch.storage:_load_from_bytes
-    codecs:open torch:compile torch:_dynamo torch.utils.data:DataLoader
+    codecs:open torch:compile torch:_dynamo torch.utils.data:DataLoader torch.utils.data.dataloader:DataLoader
+    operator:call logging:FileHandler logging:basicConfig
     """.split()
 )
 
@@ -148,7 +164,26 @@ DANGEROUS_PREFIXES: tuple[str, ...] = (
     "torch._C:_import_ir_module",
     "torch._C:_load",
     "torch._C._jit",
+    "uuid:_",  # uuid's private helpers run ifconfig, ip, arp, netstat... (_get_command_stdout)
 )
+
+#: names dangerous in EVERY module of their package, since the package defines them in one module
+#: and re-exports them from others (``numpy.memmap`` is ``numpy._core.memmap.memmap``,
+#: ``torch.hub.load_state_dict_from_url`` is ``torch.utils.model_zoo.load_url``,
+#: ``torch.from_file`` is also ``torch.UntypedStorage.from_file``): the last part of the name is
+#: matched wherever it sits in the package. Loaders that unpickle, readers and writers of files by
+#: path, shared-library loaders.
+DANGEROUS_LEAVES: dict[str, frozenset[str]] = {
+    "numpy": frozenset(
+        """load loads save savez savez_compressed savetxt loadtxt genfromtxt fromregex fromfile tofile memmap
+        open_memmap read_array DataSource test _reconstruct_from_file""".split()
+    ),
+    "torch": frozenset(
+        """load save from_file _load_from_bytes load_url load_state_dict_from_url load_library _load_global_deps
+        _tensor_to_object _object_to_tensor compile export _dump_snapshot _save_segment_usage _save_memory_usage
+        _record_memory_history _load_for_lite_interpreter""".split()
+    ),
+}
 
 #: builtins that are allowed (above); every other builtin is refused: eval, exec, compile,
 #: getattr, setattr, delattr, __import__, open, globals, vars, input, breakpoint, type, ...
@@ -192,13 +227,23 @@ HARMLESS_BUILTINS: frozenset[str] = frozenset(
 
 
 def _module_names(module: str) -> list[str]:
-    """``module`` and what Python 3's unpickler imports for it (``cPickle`` -> ``pickle``)."""
+    """``module``, what Python 3's unpickler imports for it (``cPickle`` -> ``pickle``), and the
+    module a C accelerator ``_name`` implements (``_operator`` is ``operator``, ``_functools`` is
+    ``functools``, ``_pickle`` is ``pickle``: the same callables under another module name)."""
     names = [module]
     head, dot, tail = module.partition(".")
     mapped = _compat_pickle.IMPORT_MAPPING.get(module) or _compat_pickle.IMPORT_MAPPING.get(head)
     if mapped:
         names.append(mapped if module in _compat_pickle.IMPORT_MAPPING else f"{mapped}.{tail}")
+    if head.startswith("_") and not head.startswith("__") and len(head) > 1:
+        names.append(f"{head[1:]}{dot}{tail}")
     return names
+
+
+def _leaf_listed(module: str, qualname: str) -> bool:
+    """The name's last part is one of its package's :data:`DANGEROUS_LEAVES`."""
+    leaves = DANGEROUS_LEAVES.get(module.partition(".")[0])
+    return leaves is not None and (qualname or module).rpartition(".")[2] in leaves
 
 
 def _split_listed(module: str, qualname: str) -> bool:
@@ -210,6 +255,8 @@ def _split_listed(module: str, qualname: str) -> bool:
     for m, q in spellings:
         name = f"{m}:{q}"
         if _in_module(m, DANGEROUS_MODULES) or name in DANGEROUS_GLOBALS or name.startswith(DANGEROUS_PREFIXES):
+            return True
+        if _leaf_listed(m, q):
             return True
         if m in _BUILTIN_MODULES and q and q not in HARMLESS_BUILTINS and name not in ALLOWED:
             return True

@@ -43,6 +43,7 @@ __all__ = [
     "TensorPlan",
     "ViewScope",
     "check_dims",
+    "torch_size",
     "contiguous_strides",
     "dtype_name",
     "entry_tensor",
@@ -101,6 +102,23 @@ def check_dims(dims: Any, *, what: str, limits: Limits, file: str | None = None)
             file=file,
         )
     return numel
+
+
+def torch_size(dims: Any, *, what: str = "torch.Size", limits: Limits | None = None) -> torch.Size:
+    """A ``torch.Size`` from file values: ints in torch's int64 range, at most ``max_dims`` of them.
+
+    ``torch.Size`` takes any Python int, then cannot be printed, packed or used (``10**30``).
+
+    Raises:
+        CheckpointFormatError: a value that is not an int in ``[-2**63, 2**63)``, or too many.
+    """
+    bound = (limits or Limits()).max_dims
+    if type(dims) not in (list, tuple, torch.Size) or len(dims) > bound:
+        raise CheckpointFormatError(f"malformed {what}: not a sequence of at most {bound} ints")
+    for d in dims:
+        if type(d) is not int or not -INDEX_BOUND <= d < INDEX_BOUND:
+            raise CheckpointFormatError(f"malformed {what}: {show(d, 40)} is not an int in [-2**63, 2**63)")
+    return torch.Size(dims)
 
 
 class ViewScope:

@@ -23,7 +23,7 @@ from ..errors import CheckpointFormatError
 from ..limits import Limits
 from ..policy import ALLOWED
 from ..refs import GlobalRef, OpaqueObject
-from ..tensors import ViewScope, make_view
+from ..tensors import ViewScope, make_view, torch_size
 from .vm import make_pending
 
 __all__ = ["Rebuilder", "StorageRef", "StorageType", "swap_size"]
@@ -141,7 +141,7 @@ class Rebuilder:
             "torch._utils:_rebuild_parameter_with_state": self.rebuild_parameter_with_state,
             "torch._utils:_rebuild_from_type_v2": self.rebuild_from_type_v2,
             "torch._tensor:_rebuild_from_type_v2": self.rebuild_from_type_v2,
-            "torch:Size": lambda dims=(): torch.Size(_ints(dims, "torch.Size")),
+            "torch:Size": lambda dims=(): torch_size(dims, limits=self._limits),
             "torch:device": self.device,
             "torch.torch_version:TorchVersion": self.torch_version,
             "numpy.core.multiarray:_reconstruct": self.ndarray,

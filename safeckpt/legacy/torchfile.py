@@ -2,7 +2,8 @@
 
 - the zip archive of torch >= 1.6: ``<name>/data.pkl`` plus one member per storage
   (``<name>/data/<key>``), stored uncompressed; storages are memory-mapped
-  copy-on-write straight from the file;
+  copy-on-write straight from the file (a deflated one, which torch also reads, is
+  inflated within ``Limits.max_inflated_bytes``);
 - the pre-1.6 stream: a magic-number pickle, a protocol pickle, a sys-info
   pickle, the main pickle, a pickle listing storage keys, then each storage as
   an int64 element count followed by its bytes; read in one pass over its
@@ -183,9 +184,10 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
     def member_bytes(member: Member, itemsize: int) -> torch.Tensor:
         if member.size == 0:
             return torch.empty(0, dtype=torch.uint8)
-        if member.method != 0:  # torch.save never compresses storages
-            raise CheckpointFormatError(f"{path}: storage member {member.name} is compressed", file=path)
-        tensor = reader.file_bytes(member.data_offset, member.size)
+        if member.method != 0:  # torch.save never deflates storages, torch.load reads them: inflated within limits
+            tensor = torch.frombuffer(bytearray(archive.read(member, limits)), dtype=torch.uint8)
+        else:
+            tensor = reader.file_bytes(member.data_offset, member.size)
         if order == "big" and itemsize > 1:
             swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
             tensor = torch.from_numpy(swapped)
@@ -269,6 +271,17 @@ def _starts_like_pickle(path: str) -> bool:
     return bool(first) and first.decode("latin-1") in getattr(pickletools, "code2op")
 
 
+def _name_in_message(exc: SafeCkptError, name: str, *, bare: bool) -> None:
+    """Every error reading a file names it; bytes that are no torch.save file and do not parse
+    as a pickle (a text file whose first byte happens to be an opcode) are "not a checkpoint"."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    if bare and type(exc) is CheckpointFormatError:
+        text = f"{name} is not a checkpoint safeckpt can read (not a torch.save file, and not a pickle: {text})"
+    elif name not in text:
+        text = f"{name}: {text}"
+    exc.args = (text, *exc.args[1:])
+
+
 def read_torch_file(
     path: str | os.PathLike[str],
     *,
@@ -306,6 +319,7 @@ def read_torch_file(
     except SafeCkptError as exc:
         _finish(report, name)  # a dangerous name found before the error wins
         exc.file = exc.file or name
+        _name_in_message(exc, name, bare=kind is Kind.UNKNOWN)
         raise
     except FileNotFoundError:
         raise
