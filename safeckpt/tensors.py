@@ -238,11 +238,18 @@ def entry_tensor(
     """
     itemsize = dtype.itemsize
     flat = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
-    # The common case, zero-copy: positive dims whose product is the bytes there are (so each
-    # is in range), aligned in memory. Anything else takes the full checks below.
-    if shape and min(shape) > 0 and len(shape) <= limits.max_dims and flat.numel() == math.prod(shape) * itemsize:
-        if not flat.storage_offset() and flat.data_ptr() % itemsize == 0 and flat.dtype == torch.uint8 and flat.dim() == 1:
-            return flat.view(dtype).reshape(shape)
+    # The common case, zero-copy: positive dims (or none: a scalar) whose product is the bytes
+    # there are (so each is in range), aligned in memory. Anything else takes the full checks below.
+    if (
+        len(shape) <= limits.max_dims
+        and flat.numel() == math.prod(shape) * itemsize
+        and (not shape or min(shape) > 0)
+        and flat.dtype is torch.uint8
+        and flat.dim() == 1
+        and not flat.storage_offset()
+        and not flat.data_ptr() % itemsize
+    ):
+        return flat.view(dtype).reshape(shape)
     numel = check_dims(shape, what=where, limits=limits, file=file)
     if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != numel * dtype.itemsize:
         raise CheckpointFormatError(

@@ -167,15 +167,18 @@ def test_expansion_allowance_at_and_one_past_the_limit() -> None:
 
 
 @pytest.mark.parametrize("zip_format", [False, True])
-def test_legacy_stride0_views_at_and_past_the_expansion_limit(tmp_path: Path, zip_format: bool) -> None:
-    # the storage holds 4 bytes: views may hold 16 x 4 = 64 bytes, 16 float32 elements
-    at = safeckpt.load(_expanded_legacy(tmp_path / "at.pt", 16, zip_format=zip_format))["a"]
-    assert at.shape == (16,) and at.stride() == (0,) and not at.any()
+def test_legacy_stride0_views_are_bounded_by_the_files_size(tmp_path: Path, zip_format: bool) -> None:
+    # the allowance is Limits.max_expansion times the file's size (exact boundary: tests/test_legacy_stream.py),
+    # not times the 4 bytes of the storage the view reads
+    small = safeckpt.load(_expanded_legacy(tmp_path / "small.pt", 17, zip_format=zip_format))["a"]
+    assert small.shape == (17,) and small.stride() == (0,) and not small.any()
+    path = _expanded_legacy(tmp_path / "past.pt", 4 * 2**20, zip_format=zip_format)  # 16 MiB of float32
+    size = path.stat().st_size
     with pytest.raises(LimitExceededError) as info:
-        safeckpt.load(_expanded_legacy(tmp_path / "past.pt", 17, zip_format=zip_format))
-    assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_expansion", 64, 68)
-    trusted = safeckpt.load(tmp_path / "past.pt", limits=Limits(max_expansion=17))["a"]
-    assert trusted.shape == (17,) and trusted.stride() == (0,)
+        safeckpt.load(path)
+    assert (info.value.limit, info.value.maximum, info.value.actual) == ("max_expansion", 16 * size, 16 * 2**20)
+    trusted = safeckpt.load(path, limits=Limits(max_expansion=2**20))["a"]
+    assert trusted.shape == (4 * 2**20,) and trusted.stride() == (0,)
 
 
 def test_a_16_tib_view_is_refused_not_a_runtime_error(tmp_path: Path) -> None:

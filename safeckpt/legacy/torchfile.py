@@ -293,8 +293,10 @@ def read_torch_file(
     """Read a ``torch.save`` file or bare pickle without executing anything.
 
     ``device="meta"`` reads no tensor bytes (scanning). ``report`` collects globals
-    and findings (a fresh one by default). Storages are views of a copy-on-write
-    mapping of the file, or with ``copy`` copies in fresh memory.
+    and findings (a fresh one by default). Storages of a zip archive are views of a
+    copy-on-write mapping of the file, or with ``copy`` copies in fresh memory; those
+    of a pre-1.6 stream are always fresh memory. The tensor views of one read may hold
+    at most ``limits.max_expansion`` times the file's size.
 
     Raises:
         UnsafeCheckpointError: listing every dangerous global the file names.

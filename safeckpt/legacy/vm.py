@@ -131,6 +131,15 @@ class SymbolicUnpickler(ObjectOps):
     def _run(self) -> Any:
         table = self._table
         try:
+            if self._file is None:  # bytes: the window is the whole input, at offset 0, and never refills
+                buf, n = self._buf, self._n
+                while True:
+                    i = self._i
+                    if i >= n:
+                        raise self._error("pickle ended without STOP")
+                    self._pos = i
+                    self._i = i + 1
+                    table[buf[i]]()
             while True:
                 i = self._i
                 if i >= self._n:
