@@ -221,9 +221,9 @@ def _bad(root: Path, message: str) -> CheckpointFormatError:
 
 def _read_document(root: Path, allowed_globals: Iterable[Any], limits: Limits) -> tuple[Any, list[Slot]]:
     meta = root / META_NAME
-    if not meta.is_file():
+    if not meta.is_file():  # opened below never through a link: its target is outside the checkpoint
         raise FileNotFoundError(f"{root} is not a complete sharded safeckpt checkpoint: {meta} is missing")
-    with Checkpoint(meta, allowed_globals=allowed_globals, limits=limits) as ckpt:
+    with Checkpoint(meta, allowed_globals=allowed_globals, limits=limits, source=LocalStorage(root).open(META_NAME)) as ckpt:
         doc = ckpt.load()
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or type(doc.get("format_version")) is not int:
         raise _bad(root, "not a safeckpt sharded checkpoint index")
