@@ -3,7 +3,7 @@
 ``python -m benchmarks.adversarial [--mib 1] [--repeats 3] [--timeout 120]``
 
 Each shape (floods of every container opcode, shared keys, long appends, deep
-nesting, shared values copied by allowed constructors) is written as a bare
+nesting, shared values copied by allowed constructors, keys chosen to collide) is written as a bare
 pickle of about ``--mib`` MiB and read with ``safeckpt.load`` in a fresh
 process, interleaved with a benign pickle of the same size (a list of small
 dicts of ints, floats and strings). Printed per shape: the outcome (loaded, or
@@ -76,6 +76,29 @@ def shapes(size: int) -> dict[str, bytes]:
         + b"\x8c\x08builtins\x8c\x03set\x93\x94" + b"h\x01h\x00\x85R0" * (size // 14) + b".",
         "tuple DAG hashed": P4 + b"}K\x01" + b"".join(b"\x94h%c\x86" % (i % 256) for i in range(min(size // 5, 200)))
         + b"K\x00s.",
+        **_collisions(size),
+    }
+
+
+_MODULUS = (1 << 61) - 1  # sys.hash_info.modulus on 64-bit CPython: k * _MODULUS + c hash alike for every k
+
+
+def _long1(v: int) -> bytes:
+    raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _collisions(size: int, per: int = 64) -> dict[str, bytes]:
+    """Keys chosen to collide: one flood (refused at Limits.max_equal_hash_keys) and the worst
+    shapes that stay at the limit (groups of ``per`` keys per hash, in one dict or in many)."""
+    group = [b"".join(_long1(k * _MODULUS + g) + b"N" for k in range(1, per + 1)) for g in range(size // (12 * per) + 1)]
+    flood = b"".join(_long1(k * _MODULUS) for k in range(1, size // 11))
+    pairs = b"".join(_long1(k * _MODULUS) + b"N" for k in range(1, size // 12))
+    return {
+        "colliding keys, one SETITEMS": P4 + b"}(" + pairs + b"u.",
+        "colliding set elements, ADDITEMS": P4 + b"\x8f(" + flood + b"\x90.",
+        "colliding keys at the limit, one dict": P4 + b"}" + b"".join(b"(" + g + b"u" for g in group) + b".",
+        "colliding keys at the limit, many dicts": P4 + b"(" + b"".join(b"}(" + g + b"u" for g in group) + b"l.",
     }
 
 

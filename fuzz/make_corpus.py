@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import targets_hashflood
 import targets_vm_budget
 import targets_scan_archive
 import targets_views
@@ -300,6 +301,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "views": list(targets_views.seeds()),
         "integrations": list(targets_integrations.seeds()),
         "values": _values_seeds(),
+        "hashflood": targets_hashflood.seeds(),
     }
 
 
@@ -346,7 +348,7 @@ def write_corpus(out: Path, harnesses: list[str] | None = None) -> dict[str, int
 
 
 # Every harness: those of targets.TARGETS and those whose targets live in their own targets_<name>.py.
-OWN_TARGET_HARNESSES = {*targets.TARGETS, "vm_budget", "names", "scan_archive", "views", "values", "integrations"}
+OWN_TARGET_HARNESSES = {*targets.TARGETS, "vm_budget", "names", "scan_archive", "views", "values", "integrations", "hashflood"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HARNESSES = ("single_file", "skeleton", "manifest", "legacy", "scan", "sharded", "vm_budget", "names", "scan_archive", "views", "values", "integrations")
+HARNESSES = ("single_file", "skeleton", "manifest", "legacy", "scan", "sharded", "vm_budget", "names", "scan_archive", "views", "values", "integrations", "hashflood")
 FLAGS = ("-rss_limit_mb=2048", "-timeout=10", "-max_len=65536", "-print_final_stats=1")
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second", re.M)
 _STAT = re.compile(r"^stat::number_of_executed_units:\s*(\d+)", re.M)

@@ -53,7 +53,8 @@ from safeckpt.container import encode_state, parse_root
 from safeckpt.legacy import read_torch_file, scan
 from safeckpt.legacy.rebuild import Rebuilder
 from safeckpt.legacy.vm import Report, SymbolicUnpickler
-from safeckpt.multifile import ManifestEntry, file_digest, manifest_bytes
+from safeckpt.multifile import file_digest, manifest_bytes
+from safeckpt.storage import FileRecord
 from safeckpt.refs import AllowList, GlobalRef, OpaqueObject
 from safeckpt.tensors import DTYPES_FROM_SAFETENSORS
 
@@ -298,7 +299,7 @@ def write_fixed_set(directory: Path) -> dict[str, Path]:
     for key, path in written.items():
         if path.suffix == ".safetensors":
             _pin_created(path)
-        entries.append(ManifestEntry(key, path.name, path.stat().st_size, file_digest(path, LIMITS)))
+        entries.append(FileRecord(path.name, path.stat().st_size, file_digest(path, LIMITS), key))
     manifest = directory / MANIFEST
     manifest.write_bytes(manifest_bytes(entries))
     return {**written, "__manifest__": manifest}
@@ -375,7 +376,7 @@ def manifest(data: bytes) -> None:
     component = _write(directory / f"{BASE}_{key}{suffix}", body)
     digest = _expect(file_digest, component, LIMITS) or "0" * 64
     manifest_file = _write(
-        directory / MANIFEST, manifest_bytes([ManifestEntry(key, component.name, len(body), digest)])
+        directory / MANIFEST, manifest_bytes([FileRecord(component.name, len(body), digest, key)])
     )
     _load_set(directory, manifest_file)
 
@@ -483,7 +484,7 @@ def sharded(data: bytes) -> None:
     1. the index file, next to the fixed valid shard.
     """
     from safeckpt.distributed import consolidate, load_sharded
-    from safeckpt.distributed.sharded import META_NAME, _meta_bytes_writer
+    from safeckpt.distributed.sharded_index import META_NAME, index_writer
 
     if not data:
         return
@@ -492,7 +493,7 @@ def sharded(data: bytes) -> None:
     _write(directory / "safeckpt-shards" / SHARD, body if mode == 0 else shard)
     if mode == 0:
         with open(directory / META_NAME, "wb") as f:
-            _meta_bytes_writer({**document, "shards": [[SHARD, len(body)]]})(f)
+            index_writer({**document, "shards": [[SHARD, len(body)]]})(f)
     else:
         _write(directory / META_NAME, body)
     _expect(load_sharded, directory, limits=LIMITS, no_dist=True)

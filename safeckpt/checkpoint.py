@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,52 +21,22 @@ from .container import (
     META_LIBRARY,
     META_TORCH,
     META_VERSION,
-    Header,
     Root,
     TensorInfo,
-    parse_header,
     parse_root,
     skeleton_bytes,
     verified_digests,
 )
-from .detect import Kind, detect_bytes
+from .detect import Kind
 from .errors import CheckpointFormatError, ComponentNotFoundError, IntegrityError
-from .limits import DEFAULT_LIMITS, Limits, check_in_file
+from .header import read_header_from
+from .limits import DEFAULT_LIMITS, Limits
 from .refs import AllowList
 from .storage import ByteSource, is_url, open_source
 from .tensors import ViewScope, dtype_name, empty_tensor, entry_tensor
 from .text import show
 
-__all__ = ["Checkpoint", "ComponentInfo", "read_header_from"]
-
-_HEAD_FETCH = 64 * 1024  # first read: the length prefix and, usually, the whole header
-
-
-def read_header_from(source: ByteSource, limits: Limits) -> tuple[Kind, Header, bytes | None]:
-    """The kind, header and (for a skeleton file) raw skeleton of a safetensors or skeleton file.
-
-    Reads the first 64 KiB, then the rest of the header if it is longer: one
-    range request on remote storage for most files.
-    """
-    name, size = source.name, source.size
-    head = source.head(_HEAD_FETCH)
-    kind = detect_bytes(head[:16])
-    if kind is Kind.SKELETON:
-        limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=name)
-        raw = head if size <= len(head) else head + source.read(len(head), size)
-        return kind, Header(name, {}, {}, 0, size), raw
-    if kind is not Kind.SAFETENSORS:
-        if len(head) < 8:
-            raise CheckpointFormatError(f"{name}: file of {size} bytes is too short for a safetensors header", file=name)
-        raise CheckpointFormatError(f"{name} is a {kind.value} file, not a safetensors file; use load() for other formats", file=name)
-    (length,) = struct.unpack("<Q", head[:8])
-    limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
-    check_in_file(8 + length, size, lambda: f"{name}: the header length {length}", file=name)
-    if 8 + length > len(head):
-        head += source.read(len(head), 8 + length)
-    return kind, parse_header(name, head[8 : 8 + length], size, limits), None
-
-
+__all__ = ["Checkpoint", "ComponentInfo"]
 
 def _is_key(key: Any, depth: int = 0) -> bool:
     """A usable component key: hashable, and no tensor or array anywhere inside it."""

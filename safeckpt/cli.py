@@ -188,6 +188,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for URL arguments (s3://, gs://...); VALUE is JSON or text, a dotted KEY nests: "
+        "client_kwargs.endpoint_url=http://localhost:9000",
+    )
     parser = _Parser(
         prog="safeckpt",
         description="Inspect, convert, scan, verify, split, merge and compare PyTorch checkpoints without pickle.",
@@ -203,8 +211,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(target: str, out: Out, args: argparse.Namespace) -> int:
+    """Import the command's module and :mod:`.cli_remote` (URL arguments, ``--storage-option``) and run it."""
     module_name, _, function = target.partition(":")
     module = importlib.import_module(f"{__package__}.{module_name}")
+    remote = importlib.import_module(f"{__package__}.cli_remote")
+    out.remote = remote.Remote(remote.parse_storage_options(args.storage_option))
     return int(getattr(module, function)(out, args))
 
 
@@ -225,7 +236,7 @@ def _report(exc: BaseException, args: argparse.Namespace, out: Out) -> int:
     """One escaped error line on stderr (and the ``--json`` document); returns the exit code."""
     if args.debug:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        sys.stderr.write(terminal_text(text, keep_newlines=True))
+        sys.stderr.write(terminal_text(out.remote.shown(text), keep_newlines=True))
     text = message(exc)
     if not isinstance(exc, (SafeCkptError, OSError, ValueError, TypeError)):
         text = f"internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)"
@@ -265,4 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as exc:  # noqa: BLE001  # every error becomes one line and an exit code; a traceback with --debug
         return _report(exc, args, out)
+    finally:
+        out.remote.close()
 

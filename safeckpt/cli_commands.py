@@ -27,8 +27,9 @@ from .cli_targets import (
 from .errors import IntegrityError, SafeCkptError
 from .limits import DEFAULT_LIMITS
 from .loading import load, load_multi_files
-from .multifile import DEFAULT_KEYS, discover, find_manifest, manifest_path, read_manifest
+from .multifile import DEFAULT_KEYS, MANIFEST_SUFFIX, discover, find_manifest, manifest_path, read_manifest, split_base
 from .saving import save_multi_from_single, save_single_file
+from .storage import is_url
 
 __all__ = ["cmd_diff", "cmd_inspect", "cmd_merge", "cmd_split", "cmd_verify"]
 
@@ -131,7 +132,7 @@ def _inspect_hf_index(out: Out, path: Path) -> int:
 
 def cmd_inspect(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt inspect``."""
-    path = Path(args.path)
+    path = Path(out.remote.local(args.path))
     kind = classify(path)
     if kind == MANAGER:
         return _inspect_manager(out, path)
@@ -140,7 +141,7 @@ def cmd_inspect(out: Out, args: argparse.Namespace) -> int:
     if kind == HF_INDEX:
         return _inspect_hf_index(out, path)
     with out.progress(f"reading {args.path}") as bar:
-        view = view_file(args.path, bar)
+        view = view_file(path, bar)
     out.document({"ok": True, **view.to_json(args.tensors)})
     _render_view(out, view, args.tensors)
     return EXIT_OK
@@ -208,7 +209,7 @@ def cmd_verify(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt verify``."""
     if args.signature or args.public_key or args.certificate_chain or args.identity:
         return cmd_verify_signature(out, args)
-    path = Path(args.path)
+    path = Path(out.remote.local(args.path))
     kind = classify(path)
     if kind == MANAGER:
         return _verify_steps(out, path, [read_step(d) for d in step_dirs(path).values()], single=False)
@@ -239,7 +240,8 @@ def cmd_verify(out: Out, args: argparse.Namespace) -> int:
 
 
 def cmd_split(out: Out, args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    """``safeckpt split``: the set is written next to the source (a URL's set through the storage layer)."""
+    path = Path(out.remote.local(args.path))
     if is_multi(path):
         raise ValueError(f"{path} is already a multi-file set")
     available = component_keys(path)
@@ -253,10 +255,13 @@ def cmd_split(out: Out, args: argparse.Namespace) -> int:
         keys = [k for k in keys if k in available]
     if not keys:
         raise ValueError(f"{path} has none of the components {list(args.keys or DEFAULT_KEYS)}; pass --keys or --all")
-    manifest = manifest_path(path)
-    if manifest.exists() and not args.overwrite:
+    manifest = split_base(args.path) + MANIFEST_SUFFIX if is_url(args.path) else manifest_path(path)
+    if out.remote.exists(str(manifest)) and not args.overwrite:
         raise FileExistsError(f"{manifest} exists; pass --overwrite to replace the set")
-    written = save_multi_from_single(path, keys)
+    if is_url(args.path):
+        written = save_multi_from_single(args.path, keys, storage_options=out.remote.options or None)
+    else:
+        written = save_multi_from_single(path, keys)
     files = {k: str(p) for k, p in written.items()}
     out.document({"ok": True, "path": str(path), "manifest": str(manifest), "files": files})
     out.line(f"split {path} into {plural(len(files), 'component')}:")
@@ -265,10 +270,12 @@ def cmd_split(out: Out, args: argparse.Namespace) -> int:
 
 
 def cmd_merge(out: Out, args: argparse.Namespace) -> int:
-    base, target = Path(args.base), Path(args.out)
+    """``safeckpt merge``: the output may be a URL (written through the storage layer)."""
+    base = Path(out.remote.local(args.base))
+    target: Any = args.out if is_url(args.out) else Path(args.out)
     if not is_multi(base):
         raise ValueError(f"{base} is a single file, not a multi-file set (name its manifest or base path)")
-    if target.exists() and not args.overwrite:
+    if out.remote.exists(str(target)) and not args.overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     manifest_file = find_manifest(base)
     keys = (
@@ -279,11 +286,10 @@ def cmd_merge(out: Out, args: argparse.Namespace) -> int:
         for key in keys:
             state[key] = load_multi_files(base, [key], verify=args.verify)[key]
             bar.advance()
-    save_single_file(None, state, target)
-    out.document(
-        {"ok": True, "base": str(base), "output": str(target), "components": keys, "bytes": target.stat().st_size}
-    )
-    out.line(f"merged {plural(len(keys), 'component')} of {base} into {target} ({human_bytes(target.stat().st_size)})")
+    save_single_file(None, state, target, storage_options=out.remote.options or None)
+    size = out.remote.size(str(target))
+    out.document({"ok": True, "base": str(base), "output": str(target), "components": keys, "bytes": size})
+    out.line(f"merged {plural(len(keys), 'component')} of {base} into {target} ({human_bytes(size)})")
     return EXIT_OK
 
 
@@ -297,7 +303,8 @@ def _load_for_diff(path: Path) -> Any:
 
 
 def cmd_diff(out: Out, args: argparse.Namespace) -> int:
-    a_path, b_path = Path(args.a), Path(args.b)
+    """``safeckpt diff``."""
+    a_path, b_path = Path(out.remote.local(args.a)), Path(out.remote.local(args.b))
     a, b = _load_for_diff(a_path), _load_for_diff(b_path)
     with out.progress("comparing") as bar:
         result = diff_states(a, b, atol=args.atol, rtol=args.rtol, advance=bar.advance)

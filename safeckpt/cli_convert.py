@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
+import posixpath
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +29,12 @@ from typing import Any
 from .cli_integrations import cmd_convert_hf
 from .cli_output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Out, collect_files, human_bytes, message, plural
 from .conversion import convert, default_destination
-from .detect import Kind, detect
+from .cli_remote import Remote
+from .detect import Kind, detect, detect_bytes
 from .errors import SafeCkptError, UnsafeCheckpointError
-from .multifile import manifest_path
+from .multifile import MANIFEST_SUFFIX, manifest_path, split_base
+from .refs import import_allowed
+from .storage import is_url, open_source
 
 __all__ = ["cmd_convert", "convert_plan", "resolve_globals"]
 
@@ -57,83 +60,102 @@ def _cwd_on_path() -> Iterator[None]:
 
 
 def resolve_globals(names: list[str]) -> tuple[list[Any], list[str]]:
-    """Import ``module:qualname`` names; returns ``(objects, problems)``, one problem line per name not found."""
-    found: list[Any] = []
-    problems: list[str] = []
+    """Import ``module:qualname`` names (:func:`safeckpt.refs.import_allowed`, as the API resolves
+    ``allowed_globals``) with the working directory on the path; returns ``(objects, problems)``,
+    one problem line per name not found."""
     with _cwd_on_path():
-        for name in names:
-            module_name, sep, qualname = name.partition(":")
-            if not sep or not module_name or not qualname:
-                problems.append(f"--allow-global {name}: not of the form module:qualname; ignored")
-                continue
-            try:
-                value: Any = importlib.import_module(module_name)
-            except ImportError as exc:
-                problems.append(f"--allow-global {name}: module {module_name!r} not found ({exc}); ignored")
-                continue
-            try:
-                for part in qualname.split("."):
-                    value = getattr(value, part)
-            except AttributeError:
-                problems.append(f"--allow-global {name}: {module_name} has no {qualname!r}; ignored")
-                continue
-            found.append(value)
-    return found, problems
+        found, problems = import_allowed(names)
+    return list(found.values()), [f"--allow-global {name}: {why}; ignored" for name, why in problems.items()]
 
 
 # --------------------------------------------------------------------------- planning
 
+Place = Any  # a local ``Path`` or a URL ``str`` (a ``Path`` would fold ``s3://`` into ``s3:/``)
 
-def _is_torch_file(p: Path) -> bool:
+
+def _place(arg: str) -> Place:
+    return arg if is_url(arg) else Path(arg)
+
+
+def _name(p: Place) -> str:
+    return posixpath.basename(p.rstrip("/")) if isinstance(p, str) else p.name
+
+
+def _is_torch_file(p: Place, remote: Remote) -> bool:
     try:
+        if isinstance(p, str):
+            if not remote.is_file(p):
+                return False
+            with open_source(p, remote.options) as source:
+                return detect_bytes(source.read(0, min(source.size, 16))) in TORCH_KINDS
         return p.is_file() and detect(p) in TORCH_KINDS
     except OSError:
         return False
 
 
-def convert_plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[Path, Path | None]]:
+def _is_dir(p: Place, remote: Remote) -> bool:
+    return remote.is_dir(p) if isinstance(p, str) else p.is_dir()
+
+
+def _inside(directory: Place, rel: Path) -> Place:
+    """``rel`` inside ``directory`` (a URL stays a URL)."""
+    return posixpath.join(directory.rstrip("/"), rel.as_posix()) if isinstance(directory, str) else directory / rel
+
+
+def _sources_in(p: Place, args: argparse.Namespace, remote: Remote) -> list[tuple[Place, Path]]:
+    """``(file, path relative to p)`` of the torch.save files in the directory ``p``."""
+    if isinstance(p, str):
+        base = p.rstrip("/")
+        files = [f for f in remote.files_in(p, args.recursive) if _is_torch_file(f, remote)]
+        return [(f, Path(f[len(base) + 1 :])) for f in files]
+    found = collect_files([str(p)], args.recursive, lambda f: _is_torch_file(f, remote))
+    return [(f, f.relative_to(p)) for f in found]
+
+
+def convert_plan(args: argparse.Namespace, notes: list[str], remote: Remote | None = None) -> list[tuple[Place, Place | None]]:
     """``(source, destination)`` pairs (``None``: the default next to the source); see the module docstring.
 
     Args:
         notes: lines for stderr about how the arguments were read.
+        remote: the command's URL arguments (their storage options).
 
     Raises:
         ValueError: for contradictory arguments or two sources with one output.
     """
-    paths = [Path(p) for p in args.paths]
-    into: Path | None = Path(args.out_dir) if args.out_dir else None
-    if into is None and len(paths) == 2 and not paths[0].is_dir():
+    remote = remote if remote is not None else Remote()
+    paths = [_place(p) for p in args.paths]
+    into: Place | None = _place(args.out_dir) if args.out_dir else None
+    if into is None and len(paths) == 2 and not _is_dir(paths[0], remote):
         dst = paths[1]
-        if _is_torch_file(dst):
+        if _is_torch_file(dst, remote):
             notes.append(
                 f"{dst} is itself a torch.save checkpoint: converting it as a second source, not writing over it "
                 "(name an output with --out-dir DIR or a new file name)"
             )
-        elif not (dst.is_dir() or args.paths[1].endswith(("/", os.sep))):
+        elif not (_is_dir(dst, remote) or args.paths[1].endswith(("/", os.sep))):
             if args.in_place:
                 raise ValueError("--in-place converts each source into itself: name no destination")
             return [(paths[0], dst)]
-    if into is None and len(paths) >= 2 and (paths[-1].is_dir() or args.paths[-1].endswith(("/", os.sep))):
+    if into is None and len(paths) >= 2 and (_is_dir(paths[-1], remote) or args.paths[-1].endswith(("/", os.sep))):
         into = paths.pop()
     if args.in_place and into is not None:
         raise ValueError("--in-place converts each source into itself: it takes no --out-dir or destination")
-    plan: list[tuple[Path, Path | None]] = []
+    plan: list[tuple[Place, Place | None]] = []
     for p in paths:
-        if p.is_dir():
-            files = collect_files([str(p)], args.recursive, _is_torch_file)
-            if not files:
+        if _is_dir(p, remote):
+            pairs = _sources_in(p, args, remote)
+            if not pairs:
                 raise ValueError(f"no torch.save files in {p}")
-            pairs = [(f, f.relative_to(p)) for f in files]
         else:
-            pairs = [(p, Path(p.name))]
+            pairs = [(p, Path(_name(p)))]
         for src, rel in pairs:
             if args.in_place:
                 plan.append((src, src))
             elif into is None:
                 plan.append((src, None))
             else:
-                plan.append((src, into / default_destination(rel, multi=args.multi)))
-    outputs: dict[Path, Path] = {}
+                plan.append((src, _inside(into, default_destination(rel, multi=args.multi))))
+    outputs: dict[Any, Place] = {}
     for source, destination in plan:
         output = _output_of(source, destination, args.multi)
         if output in outputs and outputs[output] != source:
@@ -142,23 +164,35 @@ def convert_plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[Path,
     return plan
 
 
-def _output_of(src: Path, dst: Path | None, multi: bool) -> Path:
+def _manifest_of(target: Place) -> Place:
+    return split_base(target) + MANIFEST_SUFFIX if isinstance(target, str) else manifest_path(target)
+
+
+def _output_of(src: Place, dst: Place | None, multi: bool) -> Any:
     target = dst if dst is not None else default_destination(src, multi=multi)
-    return (manifest_path(target) if multi else target).absolute()
+    output = _manifest_of(target) if multi else target
+    return output if isinstance(output, str) else output.absolute()
 
 
 # --------------------------------------------------------------------------- the command
 
 
-def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed: list[Any]) -> list[str]:
+def _same(a: Place, b: Place) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return os.path.samefile(a, b)
+
+
+def _convert_one(src: Place, dst: Place | None, args: argparse.Namespace, allowed: list[Any], remote: Remote) -> list[str]:
     """Convert ``src`` to ``dst``; returns the files written."""
     target = dst if dst is not None else default_destination(src, multi=args.multi)
-    if not src.is_file():
+    if not (remote.is_file(src) if isinstance(src, str) else src.is_file()):
         raise FileNotFoundError(2, "No such file or directory", str(src))
-    output = manifest_path(target) if args.multi else target
-    if not args.in_place and output.exists() and os.path.samefile(src, output):
+    output = _manifest_of(target) if args.multi else target
+    exists = remote.exists(str(output))
+    if not args.in_place and exists and _same(src, output):
         raise FileExistsError(f"{output} is the source; pass --in-place to replace it with its conversion")
-    if output.exists() and not args.in_place and not args.overwrite:
+    if exists and not args.in_place and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     written = convert(
         src,
@@ -167,6 +201,7 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed:
         keys_to_save=args.keys,
         allowed_globals=allowed,
         in_place=args.in_place,
+        storage_options=remote.options or None,
     )
     if isinstance(written, dict):
         return [str(p) for p in written.values()] + [str(output)]
@@ -176,13 +211,16 @@ def _convert_one(src: Path, dst: Path | None, args: argparse.Namespace, allowed:
 def cmd_convert(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt convert``."""
     if args.hf:
-        return cmd_convert_hf(out, args)
+        hf_allowed, hf_problems = resolve_globals(list(args.allow_global))
+        for problem in hf_problems:
+            out.warning(problem)
+        return cmd_convert_hf(out, args, hf_allowed)
     if args.keys and not args.multi:
         raise ValueError("--keys chooses the files of a multi-file set: pass --multi too")
     if args.in_place and args.multi:
         raise ValueError("--in-place replaces a file with its single-file conversion: it cannot be combined with --multi")
     notes: list[str] = []
-    plan = convert_plan(args, notes)
+    plan = convert_plan(args, notes, out.remote)
     for note in notes:
         out.warning(note)
     allowed, problems = resolve_globals(list(args.allow_global))
@@ -193,7 +231,7 @@ def cmd_convert(out: Out, args: argparse.Namespace) -> int:
         for src, dst in plan:
             entry: dict[str, Any] = {"source": str(src), "status": "converted", "outputs": [], "globals": [], "error": None}
             try:
-                entry["outputs"] = _convert_one(src, dst, args, allowed)
+                entry["outputs"] = _convert_one(src, dst, args, allowed, out.remote)
             except UnsafeCheckpointError as exc:
                 entry.update(status="refused", globals=list(exc.globals), error=message(exc, src))
             except (SafeCkptError, OSError, ValueError, TypeError) as exc:
@@ -212,7 +250,7 @@ def cmd_convert(out: Out, args: argparse.Namespace) -> int:
     )
     for r in results:
         if r["status"] == "converted":
-            size = sum(Path(p).stat().st_size for p in r["outputs"])
+            size = sum(out.remote.size(p) for p in r["outputs"])
             out.line(f"converted {r['source']} -> {', '.join(r['outputs'])} ({human_bytes(size)})")
         elif r["status"] == "refused":
             out.line(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli_report import children, json_key, render_path, summary, walk
+from .cli_report import children, json_key, slash_path, summary, walk
 from .refs import OpaqueObject
 
 __all__ = ["DiffResult", "Difference", "diff_states"]
@@ -221,7 +221,7 @@ def diff_states(
             skipped.add(path)
         result.differences.append(
             Difference(
-                render_path(path),
+                slash_path(path),
                 kind,
                 None if x is _ABSENT else summary(x),
                 None if y is _ABSENT else summary(y),

@@ -151,25 +151,47 @@ def print_error(command: str | None, text: str, stream: TextIO | None = None) ->
 # --------------------------------------------------------------------------- output
 
 
+class LocalOnly:
+    """What :attr:`Out.remote` is before a command runs: no URL arguments, nothing to rename.
+
+    :mod:`safeckpt.cli_remote` (which imports the storage layer) is loaded only when a
+    command runs, so ``--help`` and ``--version`` stay fast.
+    """
+
+    options: dict[str, Any] = {}
+
+    def shown(self, value: Any) -> Any:
+        return value
+
+    def local(self, arg: str, *, recursive: bool = True) -> str:
+        return arg
+
+    def close(self) -> None:
+        pass
+
+
 class Out:
     """Where a command writes: human lines or one JSON document on stdout, errors and progress on stderr."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, remote: Any = None) -> None:
         self.args = args
         self.json: bool = args.json
+        self.remote: Any = remote if remote is not None else LocalOnly()
+        """The command's URL arguments (a :class:`safeckpt.cli_remote.Remote`, set by :func:`safeckpt.cli.main`
+        when a command runs): what is printed names them, never their local copies."""
 
     def line(self, text: str = "") -> None:
         """One human line on stdout (nothing with ``--json``), escaped."""
         if not self.json:
-            print(terminal_text(text), file=sys.stdout)
+            print(terminal_text(self.remote.shown(text)), file=sys.stdout)
 
     def error(self, text: str) -> None:
         """One error line on stderr (also with ``--json``, whose document carries the details)."""
-        print_error(self.args.command, f"error: {text}")
+        print_error(self.args.command, f"error: {self.remote.shown(text)}")
 
     def warning(self, text: str) -> None:
         """One warning line on stderr."""
-        print_error(self.args.command, f"warning: {text}")
+        print_error(self.args.command, f"warning: {self.remote.shown(text)}")
 
     def table(self, rows: Sequence[Sequence[str]], indent: int = 2) -> None:
         """Rows of columns, every column but the last padded to its widest cell (at most 48)."""
@@ -184,11 +206,11 @@ class Out:
     def document(self, doc: dict[str, Any]) -> None:
         """The ``--json`` document (nothing without ``--json``); ``json.dumps`` escapes control characters."""
         if self.json:
-            body = {"schema_version": JSON_SCHEMA_VERSION, "command": self.args.command, **doc}
+            body = {"schema_version": JSON_SCHEMA_VERSION, "command": self.args.command, **self.remote.shown(doc)}
             print(json.dumps(body, indent=2, default=str, ensure_ascii=True), file=sys.stdout)
 
     def progress(self, label: str, total: int = 0, unit: str = "") -> Progress:
-        return Progress(label, total, enabled=not self.args.quiet, unit=unit)
+        return Progress(self.remote.shown(label), total, enabled=not self.args.quiet, unit=unit)
 
 
 # --------------------------------------------------------------------------- progress bar

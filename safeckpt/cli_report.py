@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .cli_output import Progress, collect_files, human_bytes, plural
-from .cli_values import Cycle, children, json_key, jsonable, render_path, shape_text, summary, walk
+from .cli_values import Cycle, children, json_key, jsonable, slash_path, shape_text, summary, walk
 from .container import read_header
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, IntegrityError
@@ -49,7 +49,7 @@ __all__ = [
     "is_multi",
     "json_key",
     "plural",
-    "render_path",
+    "slash_path",
     "summary",
     "verify_file",
     "view_file",
@@ -142,7 +142,7 @@ class FileView:
             if isinstance(node, torch.Tensor):
                 rows.append(
                     TensorRow(
-                        render_path(path) if path else segment(key),
+                        slash_path(path) if path else segment(key),
                         dtype_name(node.dtype),
                         tuple(node.shape),
                         node.numel() * node.element_size(),
@@ -150,7 +150,7 @@ class FileView:
                 )
             elif isinstance(node, (GlobalRef, OpaqueObject)):
                 name = node.name if isinstance(node, GlobalRef) else node.cls.name
-                self.class_refs.setdefault(name, []).append(render_path((key, *path)))
+                self.class_refs.setdefault(name, []).append(slash_path((key, *path)))
         if stored is None:
             stored = (len(rows), sum(r.nbytes for r in rows), sorted({r.dtype for r in rows}))
         count, nbytes, dtypes = stored

@@ -33,7 +33,8 @@ def _row(f: Any) -> dict[str, Any]:
 
 def cmd_scan(out: Out, args: argparse.Namespace) -> int:
     """``safeckpt scan``."""
-    files = collect_files(args.paths, args.recursive, lambda f: detect(f) is not Kind.UNKNOWN)
+    local = [out.remote.local(p, recursive=args.recursive) for p in args.paths]
+    files = collect_files(local, args.recursive, lambda f: detect(f) is not Kind.UNKNOWN)
     if not files:
         raise ValueError(f"no checkpoint files in {', '.join(args.paths)}")
     results: list[dict[str, Any]] = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from .container import read_header
 from .detect import Kind, detect
 from .errors import CheckpointFormatError, IntegrityError, SafeCkptError
 from .limits import DEFAULT_LIMITS
-from .steps import MARKER, MARKER_FORMAT, MARKER_VERSION, MAX_MARKER_BYTES
+from .steps import FILE_NAME, MARKER, MARKER_FORMAT, MAX_MARKER_BYTES, STEP_DIR, marker_problem, marker_records
 from .multifile import MANIFEST_FORMAT, file_digest
 
 __all__ = [
@@ -44,8 +43,6 @@ __all__ = [
 ]
 
 MANAGER, STEP, HF_INDEX = "safeckpt-manager", "safeckpt-step", "hf-shard-index"
-_STEP_DIR = re.compile(r"step_([0-9]{12,})\Z")
-_FILE_NAME = re.compile(r"[A-Za-z0-9_.%#-][A-Za-z0-9_.%#+ -]{0,254}\Z")
 MAX_JSON_BYTES = 64 << 20
 
 
@@ -75,7 +72,7 @@ def classify(path: Path) -> str | None:
         IsADirectoryError: for a directory that is neither a manager directory nor a step.
     """
     if path.is_dir():
-        if _STEP_DIR.match(path.name):
+        if STEP_DIR.match(path.name):
             return STEP
         if step_dirs(path):
             return MANAGER
@@ -97,7 +94,7 @@ def step_dirs(directory: Path) -> dict[int, Path]:
     """The ``step_*`` directories of a manager directory, by step (symlinks are not steps)."""
     found = {}
     for entry in sorted(directory.iterdir()):
-        match = _STEP_DIR.match(entry.name)
+        match = STEP_DIR.match(entry.name)
         if match and stat.S_ISDIR(entry.lstat().st_mode):
             found[int(match.group(1))] = entry
     return found
@@ -134,32 +131,10 @@ class Step:
         }
 
 
-def _marker_problem(doc: Any, step: int | None) -> str | None:
-    if type(doc) is not dict or doc.get("format") != MARKER_FORMAT:
-        return f"its {MARKER} file is not a safeckpt step marker"
-    if step is not None and doc.get("step") != step:
-        return f"its marker names step {doc.get('step')!r:.40}, not {step}"
-    if type(doc.get("step")) is not int or type(doc.get("format_version")) is not int:
-        return "its marker has no valid step or format_version"
-    if doc["format_version"] > MARKER_VERSION:
-        return f"its marker is format version {doc['format_version']}; this safeckpt reads up to {MARKER_VERSION}"
-    files = doc.get("files")
-    if type(files) is not list or doc.get("layout") not in ("single", "multi") or type(doc.get("metrics")) is not dict:
-        return "its marker is malformed"
-    for item in files:
-        if type(item) is not dict or type(item.get("name")) is not str or not _FILE_NAME.match(item["name"]):
-            return "its marker lists a file with an invalid name"
-        if type(item.get("size")) is not int or item["size"] < 0 or type(item.get("sha256")) is not str:
-            return "its marker lists a file without a valid size and digest"
-    if doc.get("entry") not in [item["name"] for item in files]:
-        return "its marker's entry is not one of its files"
-    return None
-
-
 def read_step(path: Path) -> Step:
     """The step at ``path`` (a step directory or its ``COMMITTED`` marker)."""
     directory = path.parent if path.is_file() else path
-    match = _STEP_DIR.match(directory.name)
+    match = STEP_DIR.match(directory.name)
     step = int(match.group(1)) if match else None
     marker_file = directory / MARKER
     try:
@@ -170,7 +145,7 @@ def read_step(path: Path) -> Step:
         return Step(directory, step, None, f"no {MARKER} marker: the save did not finish")
     except CheckpointFormatError as exc:
         return Step(directory, step, None, str(exc))
-    problem = _marker_problem(doc, step)
+    problem = marker_problem(doc, step)
     if problem is not None:
         return Step(directory, step, None, problem)
     return Step(directory, doc["step"], doc)
@@ -184,25 +159,25 @@ def verify_step(step: Step) -> int:
     """
     if step.marker is None:
         raise IntegrityError(f"{step.directory}: incomplete step: {step.problem}", file=str(step.directory))
-    for item in step.marker["files"]:
-        file = step.directory / item["name"]
+    for record in marker_records(step.marker):
+        file = step.directory / record.name
         try:
             info = file.lstat()
         except FileNotFoundError:
             raise IntegrityError(f"{file} is listed in the {MARKER} marker but missing", file=str(file)) from None
         if not stat.S_ISREG(info.st_mode):
             raise IntegrityError(f"{file} is not a regular file (a symlink?); refused", file=str(file))
-        if info.st_size != item["size"]:
+        if info.st_size != record.size:
             raise IntegrityError(
-                f"{file} is {info.st_size} bytes, its {MARKER} marker says {item['size']}: modified after the commit",
+                f"{file} is {info.st_size} bytes, its {MARKER} marker says {record.size}: modified after the commit",
                 file=str(file),
             )
         actual = file_digest(file, DEFAULT_LIMITS)
-        if actual != item["sha256"]:
+        if actual != record.sha256:
             raise IntegrityError(
                 f"{file} does not match the SHA-256 digest in its {MARKER} marker: modified after the commit",
                 file=str(file),
-                expected=item["sha256"],
+                expected=record.sha256,
                 actual=actual,
             )
     return len(step.marker["files"])
@@ -234,7 +209,7 @@ def read_hf_index(path: Path) -> HfIndex:
     if type(weight_map) is not dict or not all(type(k) is str and type(v) is str for k, v in weight_map.items()):
         raise _not_a_checkpoint(path, "a JSON file whose weight_map is not a map of tensor names to shard files")
     for shard in set(weight_map.values()):
-        if not _FILE_NAME.match(shard) or Path(shard).name != shard:
+        if not FILE_NAME.match(shard) or Path(shard).name != shard:
             raise CheckpointFormatError(f"{path}: shard {shard!r:.100} is not a file beside the index", file=str(path))
     metadata = document.get("metadata")
     return HfIndex(path, weight_map, metadata if type(metadata) is dict else {})

@@ -2,7 +2,7 @@
 
 Small formatting helpers (:func:`shape_text`, :func:`json_key`, :func:`jsonable`,
 :func:`short_repr`), the walk over a loaded state (:func:`children`, :func:`walk`,
-:class:`Cycle`, :class:`Attr`, :func:`render_path`) and one-line :func:`summary`
+:class:`Cycle`, :class:`Attr`, :func:`slash_path`) and one-line :func:`summary`
 of a value. Nothing here reads files or prints; :mod:`safeckpt.cli_report` builds
 file views and ``verify`` on top of it and re-exports these names.
 """
@@ -30,9 +30,9 @@ __all__ = [
     "children",
     "json_key",
     "jsonable",
-    "render_path",
     "shape_text",
     "short_repr",
+    "slash_path",
     "summary",
     "walk",
 ]
@@ -170,7 +170,7 @@ def walk(
             if repeated > max_shared:
                 raise LimitExceededError(
                     f"the value shares containers that expand to more than {max_shared} repeated values "
-                    f"(at {render_path(here)[:200]}); a pickle's memo can multiply a small file many times over",
+                    f"(at {slash_path(here)[:200]}); a pickle's memo can multiply a small file many times over",
                     limit="max_shared_values",
                     maximum=max_shared,
                     actual=repeated,
@@ -182,15 +182,16 @@ def walk(
         stack.extend(((*here, seg), child) for seg, child in reversed(kids))
 
 
-def render_path(path: tuple[Any, ...]) -> str:
-    """``("optimizer_state_dict", "state", 0, "exp_avg")`` -> ``"optimizer_state_dict/state/0/exp_avg"``."""
+def slash_path(path: tuple[Any, ...]) -> str:
+    """``("optimizer_state_dict", "state", 0, "exp_avg")`` -> ``"optimizer_state_dict/state/0/exp_avg"``: a
+    value's place as the CLI prints it (errors use :func:`safeckpt.codec.render_path`, ``state['a'][0]``)."""
     return "/".join(segment(seg) for seg in path) if path else "(root)"
 
 
 def summary(value: Any) -> str:
     """One line saying what a value is, without its contents (``"dict, 3 keys"``, ``"tensor float32 [4, 3]"``)."""
     if isinstance(value, Cycle):
-        return f"{value.kind} containing itself (the one at {render_path(value.target)})"
+        return f"{value.kind} containing itself (the one at {slash_path(value.target)})"
     if isinstance(value, torch.Tensor):
         return f"tensor {dtype_name(value.dtype)} {shape_text(value.shape)}"
     if isinstance(value, np.ndarray):

@@ -47,7 +47,6 @@ from .header import (
     parse_header,
     parse_root,
     read_header,
-    read_skeleton_file,
     skeleton_bytes,
     verified_digests,
 )
@@ -80,7 +79,6 @@ __all__ = [
     "parse_header",
     "parse_root",
     "read_header",
-    "read_skeleton_file",
     "single_header",
     "skeleton_bytes",
     "skeleton_file_bytes",

@@ -1,9 +1,10 @@
 """Reading a safetensors header: parsing and validating it, the digest checks, the skeleton root.
 
-:func:`read_header` / :func:`parse_header` parse and validate the header of any
-safetensors file against :class:`Limits` before anything else is read;
-:func:`verified_digests` checks what a safeckpt header declares; :func:`skeleton_bytes`,
-:func:`read_skeleton_file` and :func:`parse_root` give the skeleton root. This module also
+:func:`read_header` (a local file), :func:`read_header_from` (any
+:class:`~safeckpt.storage.ByteSource`) and :func:`parse_header` parse and validate
+the header of a safetensors file against :class:`Limits` before anything else is read;
+:func:`verified_digests` checks what a safeckpt header declares; :func:`skeleton_bytes`
+and :func:`parse_root` give the skeleton root. This module also
 owns the metadata keys and the header digest (FORMAT.md 1.3), which the writing side
 (:mod:`safeckpt.container`) reuses.
 """
@@ -25,7 +26,9 @@ import msgpack
 import torch
 
 from .errors import CheckpointFormatError, IntegrityError
+from .detect import Kind, detect_bytes
 from .limits import Limits, check_in_file
+from .storage import ByteSource, open_file
 from .tensors import DTYPES_FROM_SAFETENSORS, SAFETENSORS_DTYPES, check_dims
 
 FORMAT_VERSION = 1
@@ -41,6 +44,7 @@ META_COMPONENT = "safeckpt.component"  # the key a multi-file component file hol
 DATA_ALIGNMENT = 64
 DIGEST_PREFIX = "sha256:"
 _VERSION = re.compile(r"[0-9]{1,9}\Z")
+_HEAD_FETCH = 64 * 1024  # first read: the length prefix and, usually, the whole header
 
 
 # --------------------------------------------------------------------------- the header digest
@@ -91,11 +95,6 @@ class Header:
     def is_safeckpt(self) -> bool:
         return META_SKELETON in self.metadata
 
-    @property
-    def header_bytes(self) -> int:
-        """Size of the length prefix plus the JSON header."""
-        return self.data_start
-
     def digests(self) -> tuple[str, dict[str, str]] | None:
         """(skeleton digest, {entry: digest}) when the file records them."""
         text = self.metadata.get(META_DIGESTS)
@@ -132,7 +131,8 @@ def verified_digests(header: Header, skeleton: bytes) -> dict[str, str]:
         raise IntegrityError(
             f"{header.path}: the header has no readable {META_HEADER_DIGEST} and {META_DIGESTS} to verify "
             "(the file was modified, or written by an earlier safeckpt that did not digest its header); "
-            "load it with verify=False only if you trust it",
+            "load it with verify=False only if you trust it, and save it again (safeckpt convert OLD NEW) "
+            "to record the digest",
             tensor_name="<header>",
             file=header.path,
         )
@@ -166,27 +166,55 @@ def _bad(path: str, message: str, offset: int | None = None) -> CheckpointFormat
 
 
 def read_header(path: str | os.PathLike[str], limits: Limits) -> Header:
-    """Read and validate the header of a safetensors file.
+    """Read and validate the header of a local safetensors file (a link to one is followed).
 
     Every declared size is checked against ``limits`` and the file size before
     it is read; offsets must tile the data section exactly, as safetensors requires.
 
     Raises:
         FileNotFoundError: if there is no such file.
-        CheckpointFormatError: if it is not a well-formed safetensors file.
+        CheckpointFormatError: if it is not a well-formed safetensors file (or not a regular file).
         LimitExceededError: if it declares more than ``limits`` allow.
     """
-    name = os.fspath(path)
-    with open(name, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _bad(name, f"file of {size} bytes is too short for a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
-        check_in_file(8 + length, size, lambda: f"{name}: the header length {length}", file=name)
-        raw = f.read(length)
-    return parse_header(name, raw, size, limits)
+    with open_file(path) as source:
+        return read_safetensors_header(source, limits)
+
+
+def read_safetensors_header(source: ByteSource, limits: Limits) -> Header:
+    """Read and validate the header of the safetensors file ``source`` (see :func:`read_header`).
+
+    Reads the first 64 KiB, then the rest of the header if it is longer: one
+    range request on remote storage for most files.
+    """
+    name, size = source.name, source.size
+    head = source.head(_HEAD_FETCH)
+    if len(head) < 8:
+        raise _bad(name, f"file of {size} bytes is too short for a safetensors header")
+    (length,) = struct.unpack("<Q", head[:8])
+    limits.check("max_header_bytes", length, what="the safetensors header length", file=name)
+    check_in_file(8 + length, size, lambda: f"{name}: the header length {length}", file=name)
+    if 8 + length > len(head):
+        head += source.read(len(head), 8 + length)
+    return parse_header(name, head[8 : 8 + length], size, limits)
+
+
+def read_header_from(source: ByteSource, limits: Limits) -> tuple[Kind, Header, bytes | None]:
+    """The kind, header and (for a skeleton file) raw skeleton of a safetensors or skeleton file.
+
+    Raises:
+        CheckpointFormatError: for a file of another kind.
+        LimitExceededError: if the header or skeleton is larger than ``limits`` allow.
+    """
+    name, size = source.name, source.size
+    head = source.head(_HEAD_FETCH)
+    kind = detect_bytes(head[:16])
+    if kind is Kind.SKELETON:
+        limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=name)
+        raw = head if size <= len(head) else head + source.read(len(head), size)
+        return kind, Header(name, {}, {}, 0, size), raw
+    if kind is not Kind.SAFETENSORS and len(head) >= 8:
+        raise CheckpointFormatError(f"{name} is a {kind.value} file, not a safetensors file; use load() for other formats", file=name)
+    return kind, read_safetensors_header(source, limits), None
 
 
 def parse_header(name: str, raw: bytes, size: int, limits: Limits) -> Header:
@@ -278,15 +306,6 @@ def skeleton_bytes(header: Header, limits: Limits) -> bytes:
 
 
 SKELETON_FILE_FORMAT = "safeckpt-skeleton"
-
-
-def read_skeleton_file(path: str | os.PathLike[str], limits: Limits) -> bytes:
-    """The bytes of a standalone skeleton file, size-checked before they are read."""
-    name = os.fspath(path)
-    with open(name, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        limits.check("max_skeleton_bytes", size, what="the skeleton file size", file=name)
-        return f.read()
 
 
 def parse_root(raw: bytes, limits: Limits, path: str, *, standalone: bool = False) -> Root:

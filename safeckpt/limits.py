@@ -59,6 +59,10 @@ class Limits:
             written out, and the report walks of the command line show each place; this
             bounds how far a few shared containers may multiply (a 2**100 blow-up of a
             100-byte pickle). Cycles are never expanded.
+        max_equal_hash_keys: keys of one hash that one dict, set, OrderedDict or frozenset
+            read from a file (or a legacy pickle's memo) may hold. Keys chosen to collide
+            make each insert compare with all the keys of their hash before it; real data
+            has almost none (``str``, ``bytes`` and ints under ``2**61 - 1`` are not counted).
     """
 
     max_header_bytes: int = 100 * MiB
@@ -77,6 +81,7 @@ class Limits:
     max_inflated_bytes: int = 256 * MiB
     max_expansion: int = 16
     max_shared_values: int = 1_000_000
+    max_equal_hash_keys: int = 64
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -42,27 +42,30 @@ import datetime
 import json
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 from .container import Encoded
 from .errors import CheckpointFormatError, IntegrityError
 from .multifile import MANIFEST_SUFFIX, check_keys
-from .ranking import rank_steps
+from .ranking import rank_steps, steps_to_keep
 from .reader import ReadOptions, load_set_in, load_source
 from .snapshot import BackgroundWriter, freeze
-from .storage import FileRecord, open_storage, pid_alive
+from .storage import FileRecord, open_storage
 from .steps import (
     BASE,
     LOCK,
     MARKER,
     MAX_MARKER_BYTES,
     STEP_DIR,
+    changed_file,
     clean_metrics,
+    lock_abandoned,
+    lock_bytes,
     make_marker,
+    marker_problem,
+    marker_records,
     step_dir,
-    valid_marker,
 )
 from .writer import Payload, TorchValue, plan_multi, plan_single, write_files, write_set
 
@@ -197,8 +200,7 @@ class CheckpointManager:
         self._store.remove_tree(rel)  # an incomplete earlier attempt at this step
         self._store.makedirs(rel)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": now}
-        self._store.write_bytes(f"{rel}/{LOCK}", json.dumps(lock).encode())
+        self._store.write_bytes(f"{rel}/{LOCK}", lock_bytes(now))
         named = [(f"{rel}/{name}", payload) for name, payload in files]
         if self.multi:
             keys = [name[len(BASE) + 1 :].rpartition(".")[0] for name, _ in files]
@@ -225,7 +227,7 @@ class CheckpointManager:
         if step in self._markers:
             return self._markers[step]
         document = self._read_json(f"{step_dir(step)}/{MARKER}")
-        if not valid_marker(document, step):
+        if marker_problem(document, step) is not None:
             return None
         self._markers[step] = document
         return document
@@ -342,14 +344,14 @@ class CheckpointManager:
     def _restore_step(self, step: int, marker: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
         """Load one complete step after checking its files against its marker."""
         rel = step_dir(step)
-        present = self._store.listdir(rel)
-        for item in marker["files"]:
-            if present.get(item["name"]) != item["size"]:
-                raise IntegrityError(
-                    f"{self._store.display(rel + '/' + item['name'])} is missing or not the {item['size']} bytes "
-                    f"its {MARKER} marker records: the step was modified after it was committed",
-                    file=self._store.display(rel + "/" + item["name"]),
-                )
+        changed = changed_file(marker, self._store.listdir(rel))
+        if changed is not None:
+            where = self._store.display(f"{rel}/{changed.name}")
+            raise IntegrityError(
+                f"{where} is missing or not the {changed.size} bytes its {MARKER} marker records: "
+                "the step was modified after it was committed",
+                file=where,
+            )
         options = ReadOptions(**load_kwargs)
         try:
             if marker["layout"] == "multi":
@@ -363,17 +365,12 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         steps = self._complete_steps()
-        if steps and (self.max_to_keep is not None or self.keep_best is not None):
-            keep = {steps[-1]}
-            if self.max_to_keep is not None:
-                keep.update(steps[-self.max_to_keep :])
-            if self.keep_best is not None:
-                keep.update(self._ranked(steps)[: self.keep_best])
-            for step in steps:
-                if step not in keep:
-                    self._delete(step)
-            steps = [step for step in steps if step in keep]
-        self._cleanup(steps)
+        ranked = self._ranked(steps) if self.keep_best is not None else []
+        keep = steps_to_keep(steps, self.max_to_keep, self.keep_best, ranked)
+        for step in steps:
+            if step not in keep:
+                self._delete(step)
+        self._cleanup([step for step in steps if step in keep])
 
     def _delete(self, step: int) -> None:
         rel = step_dir(step)
@@ -387,15 +384,8 @@ class CheckpointManager:
         for step, name in self._step_dirs().items():
             if step in done or step == self._writer.pending:
                 continue
-            if step < newest or self._abandoned(name):
+            if step < newest or lock_abandoned(self._read_json(f"{name}/{LOCK}")):
                 self._store.remove_tree(name)
-
-    def _abandoned(self, name: str) -> bool:
-        """True when the step's ``WRITING`` lock names this host and a process that is not writing it."""
-        lock = self._read_json(f"{name}/{LOCK}")
-        if type(lock) is not dict or lock.get("host") != socket.gethostname() or type(lock.get("pid")) is not int:
-            return False
-        return lock["pid"] == os.getpid() or not pid_alive(lock["pid"])
 
     def step_files(self, step: int) -> list[FileRecord]:
         """The files of a complete step, as its marker records them (names relative to its directory).
@@ -406,4 +396,4 @@ class CheckpointManager:
         marker = self._marker(step)
         if marker is None:
             raise FileNotFoundError(f"no complete step {step} in {self.directory}")
-        return [FileRecord(f["name"], f["size"], f["sha256"]) for f in marker["files"]]
+        return marker_records(marker)

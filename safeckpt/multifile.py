@@ -34,7 +34,7 @@ from .container import FORMAT_VERSION
 from .detect import Kind, detect_bytes
 from .errors import CheckpointFormatError, ComponentFileMissingError, IntegrityError
 from .limits import Limits
-from .storage import ByteSource, Storage, locate, open_file
+from .storage import ByteSource, FileRecord, Storage, locate, open_file
 from .text import show
 from .version import __version__
 
@@ -42,7 +42,6 @@ __all__ = [
     "DEFAULT_KEYS",
     "MANIFEST_FORMAT",
     "Manifest",
-    "ManifestEntry",
     "check_entry",
     "check_keys",
     "component_path",
@@ -111,41 +110,27 @@ def check_keys(keys: Iterable[Any]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ManifestEntry:
-    """One component of a multi-file set.
-
-    Attributes:
-        key: the component's key in the state.
-        file: its file name, in the manifest's directory.
-        size: the file's size in bytes.
-        sha256: hex digest of the file's header (safetensors: the length prefix and
-            JSON header, which record the digests of every tensor and of the
-            skeleton) or of the whole file (skeleton files).
-    """
-
-    key: str
-    file: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class Manifest:
+    """A read manifest: one :class:`~safeckpt.storage.FileRecord` per component (its ``key``, its
+    ``name`` in the manifest's directory, ``size`` and ``sha256``: see :func:`source_digest`)."""
+
     path: Path | str  # the manifest, as a path or URL
-    entries: tuple[ManifestEntry, ...]
+    entries: tuple[FileRecord, ...]
     metadata: dict[str, Any]
 
     @property
     def name(self) -> str:
         return posixpath.basename(str(self.path)) if "://" in str(self.path) else Path(self.path).name
 
-    def file(self, entry: ManifestEntry) -> Path:
+    def file(self, entry: FileRecord) -> Path:
         """The local path of a component (local manifests)."""
-        return Path(self.path).parent / entry.file
+        return Path(self.path).parent / entry.name
 
 
 def source_digest(source: ByteSource, limits: Limits) -> str:
-    """The digest a manifest records for a component file (see :class:`ManifestEntry`)."""
+    """The digest a manifest (or a step's marker) records for a file: of the length prefix and JSON
+    header of a safetensors file (which record the digests of every tensor and of the skeleton),
+    of the whole file otherwise."""
     head = source.head()[:16]
     length = source.size
     if detect_bytes(head) is Kind.SAFETENSORS:
@@ -167,8 +152,8 @@ def file_digest(path: str | os.PathLike[str], limits: Limits) -> str:
         return source_digest(source, limits)
 
 
-def manifest_bytes(entries: Sequence[ManifestEntry]) -> bytes:
-    """The JSON text of a manifest for ``entries``."""
+def manifest_bytes(entries: Sequence[FileRecord]) -> bytes:
+    """The JSON text of a manifest for ``entries`` (records with a ``key`` and a ``sha256``)."""
     document = {
         "format": MANIFEST_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -176,7 +161,7 @@ def manifest_bytes(entries: Sequence[ManifestEntry]) -> bytes:
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "components": [
-            {"key": e.key, "file": e.file, "size": e.size, "sha256": e.sha256} for e in entries
+            {"key": e.key, "file": e.name, "size": e.size, "sha256": e.sha256} for e in entries
         ],
     }
     return (json.dumps(document, indent=2) + "\n").encode("utf-8")
@@ -215,8 +200,13 @@ def read_manifest_in(storage: Storage, rel: str, limits: Limits) -> Manifest:
         LimitExceededError: if it is larger or lists more components than ``limits`` allow.
     """
     with storage.open(rel) as source:
-        limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
-        return parse_manifest(source.read(0, source.size), source.name, limits)
+        return manifest_from(source, limits)
+
+
+def manifest_from(source: ByteSource, limits: Limits) -> Manifest:
+    """Read and validate the manifest ``source``, its size bounded first (see :func:`read_manifest_in`)."""
+    limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
+    return parse_manifest(source.read(0, source.size), source.name, limits)
 
 
 def parse_manifest(raw: bytes, path: str, limits: Limits) -> Manifest:
@@ -243,21 +233,21 @@ def parse_manifest(raw: bytes, path: str, limits: Limits) -> Manifest:
         key, file, fsize, sha = item.get("key"), item.get("file"), item.get("size"), item.get("sha256")
         if type(key) is not str or type(fsize) is not int or fsize < 0 or type(sha) is not str or len(sha) != 64:
             raise _bad(path, f"malformed manifest component {key!r:.100}")
-        entries.append(ManifestEntry(key, _safe_file_name(path, file), fsize, sha))
+        entries.append(FileRecord(_safe_file_name(path, file), fsize, sha, key))
     if len({e.key for e in entries}) != len(entries):
         raise _bad(path, "manifest lists a component twice")
     metadata = {k: v for k, v in document.items() if k != "components"}
     return Manifest(path, tuple(entries), metadata)
 
 
-def check_entry(manifest: Manifest, entry: ManifestEntry, *, verify: bool, limits: Limits) -> Path:
+def check_entry(manifest: Manifest, entry: FileRecord, *, verify: bool, limits: Limits) -> Path:
     """The local path of a component, checked against a local manifest (see :func:`check_entry_in`)."""
     storage, _ = locate(manifest.path)
     check_entry_in(storage, manifest, entry, verify=verify, limits=limits)
     return manifest.file(entry)
 
 
-def check_entry_in(storage: Storage, manifest: Manifest, entry: ManifestEntry, *, verify: bool, limits: Limits) -> str:
+def check_entry_in(storage: Storage, manifest: Manifest, entry: FileRecord, *, verify: bool, limits: Limits) -> str:
     """The component's file (relative to ``storage``, the manifest's directory), checked against the
     manifest: a regular file, not a link (:mod:`safeckpt.storage.local`), its size always, its digest
     with ``verify``.
@@ -268,9 +258,9 @@ def check_entry_in(storage: Storage, manifest: Manifest, entry: ManifestEntry, *
         IntegrityError: if its size or digest differs (a torn or tampered set).
     """
     try:
-        opened = storage.open(entry.file)
+        opened = storage.open(entry.name)
     except FileNotFoundError:  # the manifest's bytes name it: data of the set, not the caller's path
-        shown = storage.display(entry.file)
+        shown = storage.display(entry.name)
         raise ComponentFileMissingError(
             f"{manifest.name} lists component {show(entry.key)}, whose file {shown} is missing: the set is "
             "incomplete (torn or modified)", tensor_name=entry.key, file=shown,
@@ -293,7 +283,7 @@ def check_entry_in(storage: Storage, manifest: Manifest, entry: ManifestEntry, *
                     actual=actual,
                     file=source.name,
                 )
-    return entry.file
+    return entry.name
 
 
 def find_manifest(path: str | os.PathLike[str]) -> Path | None:
@@ -338,6 +328,6 @@ def discover_in(storage: Storage, name: str) -> dict[str, str]:
 def old_components(storage: Storage, manifest_name: str, limits: Limits) -> set[str]:
     """The files a set's current manifest names (empty when there is no valid one): what a rewrite may remove."""
     try:
-        return {entry.file for entry in read_manifest_in(storage, manifest_name, limits).entries}
+        return {entry.name for entry in read_manifest_in(storage, manifest_name, limits).entries}
     except (OSError, CheckpointFormatError):
         return set()

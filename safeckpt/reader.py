@@ -9,7 +9,6 @@ manifest (or its file name, when discovered) lists it for.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,9 @@ from .multifile import (
     MANIFEST_SUFFIX,
     check_entry_in,
     discover_in,
-    parse_manifest,
+    manifest_from,
     read_manifest_in,
+    source_digest,
     split_base,
 )
 from .refs import AllowList, resolve_allowed
@@ -52,6 +52,10 @@ class ReadOptions:
     limits: Limits = DEFAULT_LIMITS
     copy: bool = False
     storage_options: Mapping[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        # resolved once per read: a set's components share it, and each unresolved name is warned about once
+        object.__setattr__(self, "allowed_globals", AllowList(self.allowed_globals))
 
     @property
     def torch_device(self) -> torch.device:
@@ -87,6 +91,8 @@ def open_lazy(path: str | os.PathLike[str], options: ReadOptions) -> Checkpoint:
                 f"{source.name} is a {kind.value} file; open() reads safeckpt and safetensors files, use load() for others",
                 file=source.name,
             )
+        if kind is Kind.SKELETON and options.verify:
+            raise _no_own_digest(source.name)
         return Checkpoint(
             path, device=options.device, allowed_globals=options.allowed_globals, verify=options.verify,
             limits=options.limits, copy=options.copy, source=source,
@@ -106,17 +112,28 @@ def load_source(source: ByteSource, options: ReadOptions) -> Any:
     """The whole value of one open file, of any kind safeckpt reads; errors name the file."""
     try:
         kind = _kind(source)
+        if kind is Kind.SKELETON and options.verify:
+            raise _no_own_digest(source.name)
         if kind in (Kind.SAFETENSORS, Kind.SKELETON):
             with _checkpoint(source, options) as ckpt:
                 return ckpt.load()
         if kind is Kind.MANIFEST:
-            options.limits.check("max_header_bytes", source.size, what="the manifest size", file=source.name)
-            parse_manifest(source.read(0, source.size), source.name, options.limits)  # other JSON: not a checkpoint
+            manifest_from(source, options.limits)  # other JSON: not a checkpoint
             raise CheckpointFormatError(f"{source.name} is a multi-file manifest; use load_multi_files() or load()", file=source.name)
         return _load_torch(source, options)  # torch.save archives, pre-1.6 streams, bare pickles, unknown bytes
     except SafeCkptError as exc:
         _name_the_file(exc, source.name)
         raise
+
+
+def _no_own_digest(name: str) -> IntegrityError:
+    """``verify=True`` on a skeleton file read alone: its digest is in its set's manifest only."""
+    return IntegrityError(
+        f"{name} is a skeleton file of a multi-file set: it records no digest of its own (its set's manifest "
+        "does), so it cannot be verified alone; load the set with verify=True, or this file with verify=False "
+        "only if you trust it",
+        file=name,
+    )
 
 
 def _checkpoint(source: ByteSource, options: ReadOptions) -> Checkpoint:
@@ -127,16 +144,12 @@ def _checkpoint(source: ByteSource, options: ReadOptions) -> Checkpoint:
 
 
 def _load_torch(source: ByteSource, options: ReadOptions) -> Any:
-    local = source.local_path
-    if local is not None:
-        return _load_torch_path(local, source.name, options)
-    with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:  # fetched whole: the reader needs a file
-        temp = Path(tmp) / os.path.basename(source.name.rstrip("/"))
-        temp.write_bytes(source.read(0, source.size))
+    with source.local_copy() as local:  # a remote file is fetched whole: the reader needs a file
         try:
-            return _load_torch_path(temp, source.name, options)
+            return _load_torch_path(local, source.name, options)
         except SafeCkptError as exc:
-            _name_the_file(exc, source.name, temp=str(temp))
+            if source.local_path is None:
+                _name_the_file(exc, source.name, temp=str(local))
             raise
 
 
@@ -182,12 +195,14 @@ def load_set_in(
     manifest_name = _manifest_name(storage, name)
     wanted_keys = None if keys is None else list(keys)
     files: dict[str, str] = {}
+    digests: dict[str, str] = {}  # key -> the manifest's digest of its file
     if manifest_name is not None:
         manifest = read_manifest_in(storage, manifest_name, options.limits)
         available = [e.key for e in manifest.entries]
         for entry in manifest.entries:
             if wanted_keys is None or entry.key in wanted_keys:
                 files[entry.key] = check_entry_in(storage, manifest, entry, verify=options.verify, limits=options.limits)
+                digests[entry.key] = entry.sha256
     else:
         files = discover_in(storage, name)
         if not files:
@@ -202,7 +217,7 @@ def load_set_in(
             f"{shown} has no component {show(missing[0])}; it has {show(available, 300)}", name=missing[0], available=available
         )
     component_options = options if manifest_name is not None else _without_verify(options)
-    return {key: _load_component(storage, files[key], key, component_options) for key in wanted}
+    return {key: _load_component(storage, files[key], key, component_options, digests.get(key)) for key in wanted}
 
 
 def _without_verify(options: ReadOptions) -> ReadOptions:
@@ -210,11 +225,21 @@ def _without_verify(options: ReadOptions) -> ReadOptions:
                        options.storage_options)
 
 
-def _load_component(storage: Storage, rel: str, key: str, options: ReadOptions) -> Any:
-    """One component file's value; a safeckpt file must hold exactly ``key`` (and record it, when it records one)."""
+def _load_component(storage: Storage, rel: str, key: str, options: ReadOptions, sha256: str | None = None) -> Any:
+    """One component file's value; a safeckpt file must hold exactly ``key`` (and record it, when it records one).
+    With ``verify``, a skeleton file (no digest of its own) must match ``sha256``, the manifest's digest of
+    it, checked on the same open file that is then decoded (a file put in its place after the check is not read)."""
     with storage.open(rel) as source:
         try:
             kind = _kind(source)
+            if kind is Kind.SKELETON and options.verify:
+                actual = None if sha256 is None else source_digest(source, options.limits)
+                if actual is None or actual != sha256:
+                    raise IntegrityError(
+                        f"{source.name} does not match the digest its set's manifest records: the set is torn or was modified",
+                        tensor_name=key, expected=sha256, actual=actual, file=source.name,
+                    )
+                options = _without_verify(options)  # verified whole, just now
             if kind not in (Kind.SAFETENSORS, Kind.SKELETON):
                 return load_source(source, options)  # a seed torch.save component holds the value itself
             with _checkpoint(source, options) as ckpt:

@@ -23,7 +23,7 @@ from typing import Any
 from .errors import UnsupportedValueError
 from .policy import classify
 
-__all__ = ["AllowList", "GlobalRef", "OpaqueObject", "ref_of"]
+__all__ = ["AllowList", "GlobalRef", "OpaqueObject", "import_allowed", "ref_of"]
 
 logger = logging.getLogger("safeckpt")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
@@ -193,21 +193,63 @@ def ref_of(obj: Any, *, path: str | None = None) -> GlobalRef:
     return GlobalRef(module, qualname)
 
 
+def import_allowed(names: Iterable[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Import ``"module:qualname"`` names as :meth:`GlobalRef.resolve` does (the one resolution of
+    ``allowed_globals`` strings, for the API and the command line's ``--allow-global`` alike).
+
+    A name on safeckpt's blocklist is never imported; it is reported with its reason.
+
+    Returns:
+        ``({name: object}, {name: why it was not found})``.
+    """
+    found: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for name in names:
+        module, sep, qualname = name.partition(":")
+        if not sep or not module or not qualname:
+            problems[name] = "not of the form module:qualname"
+            continue
+        if classify(module, qualname) == "dangerous":
+            problems[name] = "safeckpt never imports it (it can run code)"
+            continue
+        try:
+            found[name] = GlobalRef(module, qualname).resolve()
+        except ImportError as exc:
+            problems[name] = f"module {module!r} not found ({exc})"
+        except AttributeError:
+            problems[name] = f"{module} has no {qualname!r}"
+        except ValueError as exc:
+            problems[name] = str(exc)
+    return found, problems
+
+
 class AllowList:
     """The caller's ``allowed_globals``: objects, ``GlobalRef``s or ``"module:qualname"`` strings.
 
-    Nothing is imported to build it. A name is allowed when listed; an enum member
-    is also allowed when its enum class is listed. Names on safeckpt's blocklist
-    (:mod:`safeckpt.policy`) can never be allowed: they stay inert, with a warning.
+    A name is allowed when listed; an enum member is also allowed when its enum
+    class is listed. Names on safeckpt's blocklist (:mod:`safeckpt.policy`) can
+    never be allowed: they stay inert, with a warning. A string naming nothing that
+    can be imported (no such module or attribute) is ignored with a warning naming
+    it (:func:`import_allowed`, the command line's resolution too); ``unresolved``
+    maps each such name to the reason. Nothing else is imported to build it.
     """
 
-    def __init__(self, allowed: Iterable[Any] = ()) -> None:
+    names: frozenset[str]
+    refused: frozenset[str]
+    unresolved: dict[str, str]
+
+    def __init__(self, allowed: Iterable[Any] | AllowList = ()) -> None:
+        if isinstance(allowed, AllowList):  # already resolved (and warned about) once for this read
+            self.names, self.refused, self.unresolved = allowed.names, allowed.refused, dict(allowed.unresolved)
+            return
         if isinstance(allowed, (str, GlobalRef)) or callable(allowed):
             allowed = (allowed,)
         names: set[str] = set()
+        strings: set[str] = set()
         for item in allowed:
             if isinstance(item, str):
                 names.add(GlobalRef.parse(item).name)
+                strings.add(GlobalRef.parse(item).name)
             elif isinstance(item, GlobalRef):
                 names.add(item.name)
             else:
@@ -215,8 +257,15 @@ class AllowList:
         refused = {n for n in names if classify(*n.split(":", 1)) == "dangerous"}
         if refused:
             logger.warning("allowed_globals lists %s, which safeckpt never imports; ignored", ", ".join(sorted(refused)))
-        self.names = frozenset(names - refused)
+        _, unresolved = import_allowed(sorted(strings - refused))
+        if unresolved:
+            logger.warning(
+                "allowed_globals: %s; ignored (what the file names stays an inert GlobalRef)",
+                "; ".join(f"{name}: {why}" for name, why in unresolved.items()),
+            )
+        self.names = frozenset(names - refused - set(unresolved))
         self.refused = frozenset(refused)
+        self.unresolved = unresolved
 
     def __bool__(self) -> bool:
         return bool(self.names)

@@ -206,6 +206,7 @@ def save_multi_from_single(
     keys_to_save: Iterable[str] | None = None,
     *,
     allowed_globals: Iterable[Any] = (),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Split a single-file checkpoint into a multi-file set next to it.
 
@@ -213,10 +214,16 @@ def save_multi_from_single(
     and ``models/m.safeckpt.json``), with the seed's ``model_kwargs`` folding.
     Class references stay inert ``GlobalRef``s unless listed in ``allowed_globals``.
 
+    Args:
+        path: the single file (a local path or an fsspec URL); the set is written next to it.
+        keys_to_save: the components to write (default: the seed's three).
+        allowed_globals: names to import and rebuild while reading.
+        storage_options: for an fsspec URL, the filesystem's options.
+
     Returns:
         ``{key: path}`` of the component files written.
     """
-    state = load_single_file(path, allowed_globals=allowed_globals)
+    state = load_single_file(path, allowed_globals=allowed_globals, storage_options=storage_options)
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"{path} does not hold a dict state", path_in_state="state")
-    return save_multi_files(None, state, path, keys_to_save)
+    return save_multi_files(None, state, path, keys_to_save, storage_options=storage_options)

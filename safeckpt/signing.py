@@ -93,7 +93,7 @@ def signed_set(path: str | os.PathLike[str], *, signature: str | os.PathLike[str
     manifest = find_manifest(p)
     if manifest is not None:
         read = read_manifest(manifest, DEFAULT_LIMITS)
-        names = sorted({manifest.name, *(e.file for e in read.entries)})
+        names = sorted({manifest.name, *(e.name for e in read.entries)})
         others = sorted(e.name for e in manifest.parent.iterdir() if e.name not in names)
         return SignedSet(manifest.parent, tuple(names), tuple(others))
     if not p.is_file():
@@ -297,10 +297,10 @@ def _check_covers(inside: Path, sig: Path) -> None:
     if manifest is None:
         return
     for entry in read_manifest(manifest, DEFAULT_LIMITS).entries:
-        if not manifest.with_name(entry.file).is_file():
+        if not manifest.with_name(entry.name).is_file():
             raise SignatureError(
-                f"{sig} does not cover {entry.file}, which the set's manifest names; sign the set again",
-                file=entry.file,
+                f"{sig} does not cover {entry.name}, which the set's manifest names; sign the set again",
+                file=entry.name,
             )
 
 

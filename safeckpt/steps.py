@@ -1,5 +1,5 @@
 """The on-disk records of a :class:`~safeckpt.CheckpointManager` step: names, the ``COMMITTED``
-marker (its format and validation) and the metrics a step may record.
+marker (its format and validation), the ``WRITING`` lock and the metrics a step may record.
 
 A marker is JSON: ``format`` (``"safeckpt-step"``), ``format_version``, ``step``,
 ``metrics``, ``created``, ``library_version``, ``layout`` (``"single"`` or
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
-from .storage import FileRecord
+from .storage import FileRecord, pid_alive, unmatched
 from .text import show
 from .version import __version__
 
@@ -27,11 +29,15 @@ __all__ = [
     "MAX_MARKER_BYTES",
     "MAX_METRICS_BYTES",
     "as_float",
+    "changed_file",
     "STEP_DIR",
     "clean_metrics",
+    "lock_abandoned",
+    "lock_bytes",
     "make_marker",
+    "marker_problem",
+    "marker_records",
     "step_dir",
-    "valid_marker",
 ]
 
 MARKER = "COMMITTED"
@@ -91,23 +97,56 @@ def clean_metrics(metrics: Mapping[str, Any] | None, ranked: str | None = None) 
     return out
 
 
-def valid_marker(doc: Any, step: int) -> bool:
-    """Whether ``doc`` is a well-formed marker of ``step`` (anything else: the step is incomplete)."""
-    if type(doc) is not dict or doc.get("format") != MARKER_FORMAT or doc.get("step") != step:
-        return False
-    if type(doc.get("format_version")) is not int or doc["format_version"] > MARKER_VERSION:
-        return False
+def marker_problem(doc: Any, step: int | None = None) -> str | None:
+    """Why ``doc`` is not a well-formed marker (of ``step``, when given), or ``None`` when it is one.
+
+    A step without a well-formed marker is incomplete: the manager ignores it and
+    ``safeckpt inspect`` reports this reason.
+    """
+    if type(doc) is not dict or doc.get("format") != MARKER_FORMAT:
+        return f"its {MARKER} file is not a safeckpt step marker"
+    if step is not None and doc.get("step") != step:
+        return f"its marker names step {doc.get('step')!r:.40}, not {step}"
+    if type(doc.get("step")) is not int or type(doc.get("format_version")) is not int:
+        return "its marker has no valid step or format_version"
+    if doc["format_version"] > MARKER_VERSION:
+        return f"its marker is format version {doc['format_version']}; this safeckpt reads up to {MARKER_VERSION}"
     files = doc.get("files")
     if type(files) is not list or doc.get("layout") not in ("single", "multi") or type(doc.get("metrics")) is not dict:
-        return False
-    names = []
+        return "its marker is malformed"
     for item in files:
         if type(item) is not dict or type(item.get("name")) is not str or not FILE_NAME.match(item["name"]):
-            return False
-        if type(item.get("size")) is not int or type(item.get("sha256")) is not str:
-            return False
-        names.append(item["name"])
-    return doc.get("entry") in names
+            return "its marker lists a file with an invalid name"
+        if type(item.get("size")) is not int or item["size"] < 0 or type(item.get("sha256")) is not str:
+            return "its marker lists a file without a valid size and digest"
+    if doc.get("entry") not in [item["name"] for item in files]:
+        return "its marker's entry is not one of its files"
+    return None
+
+
+def marker_records(marker: dict[str, Any]) -> list[FileRecord]:
+    """The files a well-formed marker records (names relative to the step's directory)."""
+    return [FileRecord(item["name"], item["size"], item["sha256"]) for item in marker["files"]]
+
+
+def changed_file(marker: dict[str, Any], present: Mapping[str, int | None]) -> FileRecord | None:
+    """The first file of a well-formed marker that ``present`` (the step directory's listing) lacks
+    or holds at another size; ``None`` when every file is there as recorded."""
+    changed, _ = unmatched(marker_records(marker), present)
+    return changed[0] if changed else None
+
+
+def lock_bytes(created: str) -> bytes:
+    """The ``WRITING`` lock of a step being saved by this process."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": created}).encode()
+
+
+def lock_abandoned(lock: Any) -> bool:
+    """Whether a step's ``WRITING`` lock names this host and a process that is not writing it (gone,
+    or this process, which calls this only for steps other than the save in flight)."""
+    if type(lock) is not dict or lock.get("host") != socket.gethostname() or type(lock.get("pid")) is not int:
+        return False
+    return lock["pid"] == os.getpid() or not pid_alive(lock["pid"])
 
 
 def make_marker(step: int, metrics: dict[str, Any], created: str, layout: str, records: list[FileRecord]) -> bytes:

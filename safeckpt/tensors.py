@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "contiguous_strides",
     "dtype_name",
     "entry_tensor",
+    "make_view",
     "view_tensor",
 ]
 
@@ -148,8 +149,10 @@ class ViewScope:
         source = self._source if self._source is not None else self._based
         return self._limits.max_expansion * source
 
-    def charge(self, base: torch.Tensor, nbytes: int, where: str) -> None:
+    def charge(self, base: torch.Tensor, nbytes: int, where: str | Callable[[], str]) -> None:
         """Count a view of ``nbytes`` bytes made of ``base``.
+
+        ``where`` names the view in the error: a string, or a function that makes it (called only then).
 
         Raises:
             LimitExceededError: (``limit="max_expansion"``) when the views would hold more than the allowance.
@@ -157,22 +160,26 @@ class ViewScope:
         if id(base) not in self._bases:  # held, so that ids are never reused while the scope lives
             self._bases[id(base)] = (base, None)
             self._based += base.numel() * base.element_size()
-        if self.used + nbytes > self.allowance:
+        used = self.used + nbytes
+        if used > self.allowance:
             what = "file" if self._source is not None else "storages they view"
             raise LimitExceededError(
-                f"the view of {where} would bring the views of this load to {self.used + nbytes} bytes, over "
+                f"the view of {_named(where)} would bring the views of this load to {used} bytes, over "
                 f"Limits.max_expansion={self._limits.max_expansion} times the bytes of the {what} "
                 f"({self.allowance} bytes); pass limits=Limits(max_expansion=...) to read it if you trust this file",
                 limit="max_expansion",
                 maximum=self.allowance,
-                actual=self.used + nbytes,
+                actual=used,
                 file=self.file,
             )
-        self.used += nbytes
+        self.used = used
 
     def bytes_of(self, base: torch.Tensor, itemsize: int) -> torch.Tensor:
         """``base`` (charged before) as flat ``uint8``, in fresh memory when it is misaligned for ``itemsize``."""
-        flat = base.reshape(-1).view(torch.uint8)
+        if base.dtype is torch.uint8 and base.dim() == 1 and base.is_contiguous():
+            flat = base  # already flat bytes (legacy storages, file slices): no new tensor object
+        else:
+            flat = base.reshape(-1).view(torch.uint8)
         if not _misaligned(flat, itemsize):
             return flat
         held, copy = self._bases[id(base)]
@@ -182,17 +189,15 @@ class ViewScope:
         return copy
 
 
-def _address(flat: torch.Tensor) -> int:
-    """Absolute address of a tensor's first byte (0 on the meta device, which has no memory)."""
-    if flat.device.type == "meta":
-        return 0
-    return int(flat.untyped_storage().data_ptr()) + int(flat.storage_offset()) * flat.element_size()
+def _named(where: str | Callable[[], str]) -> str:
+    return where if isinstance(where, str) else where()
 
 
 def _misaligned(flat: torch.Tensor, itemsize: int) -> bool:
     """Whether elements of ``itemsize`` bytes starting at ``flat``'s first byte (``uint8``) would be
-    misaligned in memory, or in the elements of its storage (which ``set_`` counts in)."""
-    return bool(_address(flat) % itemsize or int(flat.storage_offset()) % itemsize)
+    misaligned in memory, or in the elements of its storage (which ``set_`` counts in).
+    ``data_ptr()`` is the first byte's absolute address (0 on the meta device, which has no memory)."""
+    return bool(flat.data_ptr() % itemsize or flat.storage_offset() % itemsize)
 
 
 def _fresh_copy(flat: torch.Tensor) -> torch.Tensor:
@@ -200,6 +205,15 @@ def _fresh_copy(flat: torch.Tensor) -> torch.Tensor:
     copy = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
     copy.copy_(flat)
     return copy
+
+
+def _no_elements(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new tensor of ``dtype`` with no element (to ``set_`` a storage into). ``torch.empty`` of a
+    few dtypes (float4) raises in deterministic mode, even for no element: those are made as bytes."""
+    try:
+        return torch.empty(0, dtype=dtype, device=device)
+    except NotImplementedError:
+        return torch.empty(0, dtype=torch.uint8, device=device).view(dtype)
 
 
 def empty_tensor(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -238,51 +252,108 @@ def entry_tensor(
         return empty_tensor(shape, dtype, flat.device)
     if _misaligned(flat, dtype.itemsize):
         flat = _fresh_copy(flat)
-    return empty_tensor((0,), dtype, flat.device).set_(
+    return _no_elements(dtype, flat.device).set_(
         flat.untyped_storage(), int(flat.storage_offset()) // dtype.itemsize, shape, contiguous_strides(shape)
     )
 
 
-def view_tensor(base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewScope, where: str) -> torch.Tensor:
+def view_tensor(
+    base: torch.Tensor, view: Any, *, limits: Limits, scope: ViewScope, where: str | Callable[[], str]
+) -> torch.Tensor:
     """Rebuild a tensor from an entry (or storage) and a ``[dtype, shape, stride, offset]`` view.
 
     Checks the view (see the rules above this function) before any tensor exists, charges its
     bytes to ``scope``, and reads a copy of ``base`` when its bytes are misaligned in memory.
+    ``where`` names the view in errors: a string, or a function that makes it (called only then).
 
     Raises:
         CheckpointFormatError: if the view is malformed or reaches outside ``base``.
         LimitExceededError: over ``max_dims``, or over the load's expansion allowance.
     """
     if not (isinstance(view, list) and len(view) == 4):
-        raise CheckpointFormatError(f"malformed tensor view for {where}: {show(view, 200)}", file=scope.file)
+        raise CheckpointFormatError(f"malformed tensor view for {_named(where)}: {show(view, 200)}", file=scope.file)
     name, shape, stride, offset = view
     dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise CheckpointFormatError(f"unknown dtype {name!r:.100} in the view of {where}", file=scope.file)
+        raise CheckpointFormatError(f"unknown dtype {name!r:.100} in the view of {_named(where)}", file=scope.file)
+    return make_view(base, dtype, shape, stride, offset, limits=limits, scope=scope, where=where)
+
+
+def make_view(
+    base: torch.Tensor,
+    dtype: torch.dtype,
+    shape: Any,
+    stride: Any,
+    offset: Any,
+    *,
+    limits: Limits,
+    scope: ViewScope,
+    where: str | Callable[[], str],
+) -> torch.Tensor:
+    """:func:`view_tensor` of a view whose dtype is already a ``torch.dtype`` (legacy storages):
+    the same checks, in the same order, with the same errors.
+
+    Raises:
+        CheckpointFormatError: if the view is malformed or reaches outside ``base``.
+        LimitExceededError: over ``max_dims``, or over the load's expansion allowance.
+    """
     if dtype in _NO_VIEWS:
         raise CheckpointFormatError(
-            f"the view of {where} has dtype {name}, whose tensors torch cannot make or copy from bytes", file=scope.file
+            f"the view of {_named(where)} has dtype {dtype_name(dtype)}, whose tensors torch cannot make or copy "
+            "from bytes",
+            file=scope.file,
         )
-    numel = check_dims(shape, what=f"the view of {where}", limits=limits, file=scope.file)
-    if not (
-        type(stride) in (list, tuple)
-        and len(stride) == len(shape)
-        and all(type(v) is int and 0 <= v < INDEX_BOUND for v in (*stride, offset))
-    ):
-        raise CheckpointFormatError(f"malformed stride/offset in the view of {where}", file=scope.file)
+    numel = _plain_extent(shape, stride, offset, limits.max_dims)
+    if numel < 0:  # not the plain case: the full checks, which raise the precise error
+        numel = check_dims(shape, what=f"the view of {_named(where)}", limits=limits, file=scope.file)
+        if not (
+            type(stride) in (list, tuple)
+            and len(stride) == len(shape)
+            and all(type(v) is int and 0 <= v < INDEX_BOUND for v in (*stride, offset))
+        ):
+            raise CheckpointFormatError(f"malformed stride/offset in the view of {_named(where)}", file=scope.file)
+        last = sum((size - 1) * st for size, st in zip(shape, stride)) if numel else -1
+    else:
+        last = _last_element(shape, stride) if numel else -1
     itemsize = dtype.itemsize
-    last = sum((size - 1) * st for size, st in zip(shape, stride)) if numel else -1
     begin, end = offset * itemsize, (offset + last + 1) * itemsize
     available = base.numel() * base.element_size()
     if end > available:
         raise CheckpointFormatError(
-            f"the view of {where} reaches byte {end} of an entry of {available} bytes", file=scope.file
+            f"the view of {_named(where)} reaches byte {end} of an entry of {available} bytes", file=scope.file
         )
-    if base.device.type != "meta":  # meta tensors (a scan, a survey pass) hold no memory to bound
+    if not base.is_meta:  # meta tensors (a scan, a survey pass) hold no memory to bound
         scope.charge(base, numel * itemsize, where)
     if not numel:
         return empty_tensor(shape, dtype, base.device).as_strided(shape, stride)
     flat = scope.bytes_of(base, itemsize)
-    return empty_tensor((0,), dtype, base.device).set_(
-        flat.untyped_storage(), (int(flat.storage_offset()) + begin) // itemsize, shape, stride
+    return _no_elements(dtype, base.device).set_(
+        flat.untyped_storage(), (flat.storage_offset() + begin) // itemsize, shape, stride
     )
+
+
+def _plain_extent(shape: Any, stride: Any, offset: Any, max_dims: int) -> int:
+    """The element count of a view whose shape, strides and offset all pass the checks of
+    :func:`make_view` (ints in ``[0, 2**63)``, as many strides as dims, at most ``max_dims``,
+    non-zero dims multiplying below ``2**63``); -1 for anything else (the full checks then run)."""
+    kind = type(shape)
+    if (kind is not list and kind is not tuple) or type(stride) not in (list, tuple):
+        return -1
+    if len(shape) != len(stride) or len(shape) > max_dims or type(offset) is not int or not 0 <= offset < INDEX_BOUND:
+        return -1
+    numel = nonzero = 1
+    for d, st in zip(shape, stride):
+        if type(d) is not int or type(st) is not int or not 0 <= d < INDEX_BOUND or not 0 <= st < INDEX_BOUND:
+            return -1
+        numel *= d
+        if d:
+            nonzero *= d
+    return numel if nonzero < INDEX_BOUND else -1
+
+
+def _last_element(shape: Any, stride: Any) -> int:
+    """Offset, in elements, of the last element of a view with no zero dim."""
+    last = 0
+    for d, st in zip(shape, stride):
+        last += (d - 1) * st
+    return last

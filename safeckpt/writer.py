@@ -16,14 +16,13 @@ path in the state.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import posixpath
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Union
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from .container import Encoded, encode_state, single_header, skeleton_file_bytes, write_single
 from .errors import FallbackWarning, UnsupportedValueError
 from .limits import DEFAULT_LIMITS
-from .multifile import ManifestEntry, manifest_bytes, old_components, source_digest
+from .multifile import manifest_bytes, old_components, source_digest
 from .storage import FileRecord, Storage
 from .stream import hash_parts, pieces
 
@@ -246,7 +245,7 @@ def write_set(
         storage.remove(manifest)
         out = records
     else:
-        entries = [ManifestEntry(key, posixpath.basename(r.name), r.size, r.sha256) for key, r in zip(keys, records)]
+        entries = [replace(r, name=posixpath.basename(r.name), key=key) for key, r in zip(keys, records)]
         data = manifest_bytes(entries)
         storage.write_bytes(manifest, data)
         out = [*records, FileRecord(manifest, len(data), hashlib.sha256(data).hexdigest())]
@@ -254,9 +253,3 @@ def write_set(
     for name in sorted(previous - kept):
         storage.remove(posixpath.join(directory, name) if directory else name)
     return out
-
-
-def torch_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()

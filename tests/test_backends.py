@@ -10,6 +10,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import safeckpt
 from safeckpt.distributed import save_on_rank0
 from safeckpt.manager import CheckpointManager
-from safeckpt.multifile import ManifestEntry, manifest_bytes, read_manifest_in
+from safeckpt.multifile import manifest_bytes, read_manifest_in
 from safeckpt.storage import open_storage, display_path
 
 
@@ -163,11 +164,11 @@ def test_components_hold_exactly_their_key_on_every_backend(root: str) -> None:
     manifest = read_manifest_in(storage, "m.safeckpt.json", safeckpt.Limits())
     entries = {e.key: e for e in manifest.entries}
     for impostor in ("optimizer_state_dict", "model_kwargs"):  # another key's file, a skeleton file
-        swapped = ManifestEntry("model_state_dict", entries[impostor].file, entries[impostor].size, entries[impostor].sha256)
+        swapped = replace(entries[impostor], key="model_state_dict")
         storage.write_bytes("m.safeckpt.json", manifest_bytes([swapped]))
         with pytest.raises(safeckpt.CheckpointFormatError, match=f"holds component '{impostor}'") as info:
             safeckpt.load_multi_files(base, verify=True)
-        assert info.value.file is not None and info.value.file.endswith(entries[impostor].file)
+        assert info.value.file is not None and info.value.file.endswith(entries[impostor].name)
 
 
 # --------------------------------------------------------------------------- realistic state, missing files, errors

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import enum
 import json
+import logging
 import math
 import os
 import struct
@@ -618,9 +619,12 @@ def test_global_with_an_invalid_name_is_a_format_error(name: bytes) -> None:
         _decode(_packb(msgpack.ExtType(Ext.GLOBAL, name)), allowed=["os:system"])
 
 
-def test_allowed_global_that_does_not_exist_is_a_format_error() -> None:
-    with pytest.raises(CheckpointFormatError):
-        _decode(_packb(msgpack.ExtType(Ext.GLOBAL, b"math:no_such_function")), allowed=["math:no_such_function"])
+def test_allowed_global_that_does_not_exist_stays_inert_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The caller's name is wrong, not the file: it is reported (issue 15) and the reference stays inert."""
+    with caplog.at_level(logging.WARNING, logger="safeckpt"):
+        value = _decode(_packb(msgpack.ExtType(Ext.GLOBAL, b"math:no_such_function")), allowed=["math:no_such_function"])
+    assert value == GlobalRef("math", "no_such_function")
+    assert "math:no_such_function: math has no 'no_such_function'; ignored" in caplog.text
 
 
 def test_duplicate_map_key_is_a_format_error() -> None:

@@ -420,7 +420,7 @@ def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard
                    change: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Rewrite the index as a hostile one would: every tensor of ``shape``, with ``second_shard``
     a copy of the shard as a second rank's file, then ``change`` applied to the document."""
-    from safeckpt.distributed.sharded import _meta_bytes_writer
+    from safeckpt.distributed.sharded_index import index_writer
     from safeckpt.storage import atomic_write
 
     shards = directory / SHARD_DIR
@@ -433,7 +433,7 @@ def _rewrite_index(directory: Path, shape: list[int] | None = None, second_shard
     doc["shards"] = [[p.name, p.stat().st_size] for p in sorted(shards.iterdir())]
     if change is not None:
         change(doc)
-    atomic_write(directory / META_NAME, _meta_bytes_writer(doc))
+    atomic_write(directory / META_NAME, index_writer(doc))
 
 
 SECOND_SHARD = SHARD.replace("00001-model", "00002-model")
@@ -580,3 +580,13 @@ def test_sharded_checkpoint_in_one_process_and_its_integrity_checks(tmp_path: Pa
     with pytest.raises(safeckpt.UnsupportedValueError):
         save_sharded(None, {"f": lambda: 0, "w": torch.ones(1)}, tmp_path / "d")
     assert not (tmp_path / "d" / SHARD_DIR).exists()
+
+
+def test_sharded_checkpoints_take_paths_and_file_urls_but_refuse_other_urls(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'c'}"
+    assert save_sharded(None, {"w": torch.arange(3.0)}, url) == tmp_path / "c"
+    assert torch.equal(load_sharded(url)["w"], torch.arange(3.0))
+    for call in (lambda: save_sharded(None, {"w": torch.ones(1)}, "memory://x/c"), lambda: load_sharded("memory://x/c")):
+        with pytest.raises(ValueError, match="use a path, not a URL"):
+            call()
+    assert not Path("memory:").exists()

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import safeckpt
+from safeckpt.cli_targets import read_step
 from safeckpt.errors import IntegrityError, UnsupportedValueError
 from safeckpt.manager import CheckpointManager
 import safeckpt.writer
@@ -206,6 +207,28 @@ def test_incomplete_steps_are_ignored_and_cleaned_by_rule(tmp_path: Path) -> Non
     assert sorted(os.listdir(tmp_path)) == ["step_000000000010", "step_000000000011", "step_000000000012"]
     mgr.save(13, _state(13))  # now 11 and 12 are older than the newest complete step
     assert sorted(os.listdir(tmp_path)) == ["step_000000000013"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda marker: marker["files"][0].update(size=-1),  # a size no file has
+        lambda marker: marker.update(step=True),  # True == 1, but a bool is not a step number
+        lambda marker: marker.update(entry="elsewhere.safeckpt"),
+    ],
+)
+def test_manager_and_inspect_agree_on_a_malformed_marker(tmp_path: Path, change: Any) -> None:
+    CheckpointManager(tmp_path).save(1, _state(1))
+    marker_file = tmp_path / "step_000000000001" / "COMMITTED"
+    marker = json.loads(marker_file.read_text())
+    change(marker)
+    marker_file.write_text(json.dumps(marker))
+    step = read_step(tmp_path / "step_000000000001")
+    assert step.marker is None and step.problem  # inspect: incomplete, and why
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.all_steps() == [] and mgr.latest() is None
+    with pytest.raises(FileNotFoundError):
+        mgr.restore(1)
 
 
 def test_tampered_step_is_refused(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 import safeckpt
 from safeckpt import CheckpointFormatError, LimitExceededError, Limits
 from safeckpt.distributed import load_sharded, save_sharded
-from safeckpt.distributed.sharded import META_NAME, SHARD_DIR, _meta_bytes_writer
+from safeckpt.distributed.sharded_index import META_NAME, SHARD_DIR, index_writer
 from safeckpt.storage import atomic_write
 from safeckpt.legacy.rebuild import Rebuilder, StorageRef
 from safeckpt.tensors import INDEX_BOUND, ViewScope, check_dims, view_tensor
@@ -121,7 +121,7 @@ def test_zero_element_tensors_with_huge_dims_in_a_sharded_table_are_refused(tmp_
         doc = ckpt.load()
     doc["tensors"] = [[*item[:3], shape] for item in doc["tensors"]]
     doc["shards"] = [[p.name, p.stat().st_size] for p in sorted((tmp_path / "c" / SHARD_DIR).iterdir())]
-    atomic_write(tmp_path / "c" / META_NAME, _meta_bytes_writer(doc))
+    atomic_write(tmp_path / "c" / META_NAME, index_writer(doc))
     with pytest.raises(CheckpointFormatError, match="malformed shape"):
         load_sharded(tmp_path / "c")
 

@@ -14,6 +14,7 @@ from torch.torch_version import TorchVersion
 
 from ..attrs import set_data_attrs
 from ..errors import CheckpointFormatError, LimitExceededError, SafeCkptError
+from ..keyhash import count_equal_hashes
 from ..limits import Limits
 from ..refs import AllowList, GlobalRef, OpaqueObject, build_object, ref_of
 from ..tensors import DTYPES_BY_NAME, ViewScope, torch_size, view_tensor
@@ -67,8 +68,8 @@ class Decoder:
         self._tensors: dict[Any, Any] = {}
         self._builders: dict[Tag, Callable[[list[Any]], Any]] = {
             Tag.TUPLE: tuple,
-            Tag.SET: set,
-            Tag.FROZENSET: frozenset,
+            Tag.SET: self._set,
+            Tag.FROZENSET: self._frozenset,
             Tag.DICT: self._dict,
             Tag.ORDERED_DICT: self._ordered_dict,
             Tag.SIZE: self._size,
@@ -167,7 +168,20 @@ class Decoder:
             raise fail("a tag that does not start its array")
         return items
 
+    def _hashed(self, keys: Any) -> None:
+        """Refuse keys chosen to collide before they are inserted (see :mod:`..keyhash`)."""
+        count_equal_hashes({}, keys, self._limits.max_equal_hash_keys)
+
+    def _set(self, body: list[Any]) -> set[Any]:
+        self._hashed(body)
+        return set(body)
+
+    def _frozenset(self, body: list[Any]) -> frozenset[Any]:
+        self._hashed(body)
+        return frozenset(body)
+
     def _map(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._hashed([k for k, _ in pairs])
         out = dict(pairs)
         if len(out) != len(pairs):
             raise fail("duplicate keys in a map")
@@ -198,6 +212,7 @@ class Decoder:
         if not body or not (body[0] is None or type(body[0]) is dict):
             raise fail("malformed OrderedDict")
         pairs = self._pairs(body[1:])
+        self._hashed(body[1::2])
         out = OrderedDict(pairs)
         if len(out) != len(pairs):
             raise fail("duplicate keys in an OrderedDict")

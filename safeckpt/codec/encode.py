@@ -42,7 +42,6 @@ _NEWOBJ = getattr(copyreg, "__newobj__")  # what object.__reduce_ex__ names for 
 _NEWOBJ_EX = getattr(copyreg, "__newobj_ex__")  # ... and for cls.__new__(cls, *args, **kwargs)
 
 
-
 class Encoder:
     """Turns values into msgpack-ready structures, sending tensors to a :class:`TensorPlan`.
 
@@ -73,11 +72,7 @@ class Encoder:
         if kind is int:
             return value if INT_MIN <= value <= INT_MAX else self._bigint(value)
         if depth >= self._limits.max_depth:
-            raise UnsupportedValueError(
-                f"{render_path(path)} is nested deeper than Limits.max_depth={self._limits.max_depth}",
-                path_in_state=render_path(path),
-                value_type=kind.__qualname__,
-            )
+            raise _refused(path, kind.__qualname__, f" is nested deeper than Limits.max_depth={self._limits.max_depth}")
         encoder = _ENCODERS.get(kind)
         if encoder is not None:
             return encoder(self, value, path, depth + 1)
@@ -94,23 +89,19 @@ class Encoder:
         """
         key = id(value)
         if key in self._active:
-            raise UnsupportedValueError(
-                f"{render_path(path)} contains itself (a reference cycle); the safe format stores trees",
-                path_in_state=render_path(path),
-                value_type=type(value).__qualname__,
-            )
+            tail = " contains itself (a reference cycle); the safe format stores trees"
+            raise _refused(path, type(value).__qualname__, tail)
         again = key in self._done
         self._repeating += again
         if self._repeating:
             self._repeated += 1 + (len(value) if isinstance(value, (list, tuple, set, frozenset, dict)) else 0)
             if self._repeated > self._limits.max_shared_values:
-                where = render_path(path)
-                raise UnsupportedValueError(
-                    f"{where} is a container shared at so many places that writing it out at each one (the "
-                    f"safe format stores trees) would repeat more than Limits.max_shared_values="
+                raise _refused(
+                    path,
+                    type(value).__qualname__,
+                    " is a container shared at so many places that writing it out at each one (the safe "
+                    "format stores trees) would repeat more than Limits.max_shared_values="
                     f"{self._limits.max_shared_values} values",
-                    path_in_state=where,
-                    value_type=type(value).__qualname__,
                 )
         self._active.add(key)
         return again
@@ -166,12 +157,8 @@ class Encoder:
         seen: dict[Any, Any] = {}
         for key, (encoded_key, _) in zip(value, pairs):
             if encoded_key in seen and key == key:
-                where = render_path(path)
-                raise UnsupportedValueError(
-                    f"{where} has keys {show(seen[encoded_key])} and {show(key)}, which would load as the same key",
-                    path_in_state=where,
-                    value_type="dict",
-                )
+                tail = f" has keys {show(seen[encoded_key])} and {show(key)}, which would load as the same key"
+                raise _refused(path, "dict", tail)
             seen.setdefault(encoded_key, key)
 
     def _ordered_dict(self, value: OrderedDict[Any, Any], path: tuple[Any, ...], depth: int) -> Any:
@@ -195,12 +182,8 @@ class Encoder:
             return None
         problem = check_attrs_for_save(type(value), attrs)
         if problem is not None:
-            where = render_path(path)
-            raise UnsupportedValueError(
-                f"{where}: {problem}; the safe format stores only data attributes (such as _metadata)",
-                path_in_state=where,
-                value_type=type(value).__qualname__,
-            )
+            tail = f": {problem}; the safe format stores only data attributes (such as _metadata)"
+            raise _refused(path, type(value).__qualname__, tail)
         return self._dict(dict(attrs), (*path, "__dict__"), depth)
 
     # leaves -------------------------------------------------------------------
@@ -237,14 +220,10 @@ class Encoder:
         seen = self._tensors.get(id(value))
         if seen is not None and self._plan.dedupe:  # else each path gets its own entry too
             return seen[1]
-        where = render_path(path)
         problem = _unsupported_tensor(value)
         if problem:
-            raise UnsupportedValueError(
-                f"{where} is {problem}, which the safe format cannot store; convert it to a dense tensor first",
-                path_in_state=where,
-                value_type=type(value).__qualname__,
-            )
+            tail = f" is {problem}, which the safe format cannot store; convert it to a dense tensor first"
+            raise _refused(path, type(value).__qualname__, tail)
         flags = (PARAMETER if isinstance(value, torch.nn.Parameter) else 0) | (
             REQUIRES_GRAD if value.requires_grad else 0
         )
@@ -261,7 +240,6 @@ class Encoder:
         if seen is not None:
             return seen[1]
         dtype = value.dtype
-        where = render_path(path)
         if dtype.kind in NUMPY_KINDS_AS_TENSOR and dtype.fields is None and dtype.subdtype is None:
             native = value if dtype.isnative else value.astype(dtype.newbyteorder("="))
             try:
@@ -274,23 +252,19 @@ class Encoder:
                 self._tensors[id(value)] = (value, payload)
                 return payload
         if not NUMPY_DTYPE.match(dtype.str) or dtype.fields is not None:
-            raise UnsupportedValueError(
-                f"{where} is a numpy array of dtype {dtype!r}, which the safe format cannot store "
+            raise _refused(
+                path,
+                "numpy.ndarray",
+                f" is a numpy array of dtype {dtype!r}, which the safe format cannot store "
                 "(object and structured arrays may hold arbitrary objects)",
-                path_in_state=where,
-                value_type="numpy.ndarray",
             )
         return [TAGS[Tag.NDARRAY_BYTES], dtype.str, list(value.shape), value.tobytes(order="C")]
 
     def _numpy_scalar(self, value: np.generic, path: tuple[Any, ...], depth: int) -> Any:
         code = value.dtype.str
         if not NUMPY_DTYPE.match(code):
-            where = render_path(path)
-            raise UnsupportedValueError(
-                f"{where} is a numpy scalar of dtype {value.dtype!r}, which the safe format cannot store",
-                path_in_state=where,
-                value_type=type(value).__qualname__,
-            )
+            tail = f" is a numpy scalar of dtype {value.dtype!r}, which the safe format cannot store"
+            raise _refused(path, type(value).__qualname__, tail)
         raw = value.tobytes()[: value.dtype.itemsize]  # an empty np.str_ still gives 4 bytes
         return msgpack.ExtType(Ext.NUMPY_SCALAR, code.encode() + b"\0" + raw)
 
@@ -320,12 +294,9 @@ class Encoder:
         try:
             reduced = value.__reduce_ex__(4)
         except Exception as exc:
-            raise UnsupportedValueError(
-                f"{where} ({type(value).__qualname__}) cannot be saved: {exc}; remove it from the state "
-                'or save with format="torch"',
-                path_in_state=where,
-                value_type=type(value).__qualname__,
-            ) from exc
+            kind = type(value).__qualname__
+            tail = f' ({kind}) cannot be saved: {exc}; remove it from the state or save with format="torch"'
+            raise _refused(path, kind, tail) from exc
         if isinstance(reduced, str):  # a module-level singleton, named like a global
             return self._global(ref_of(value, path=where), path, depth)
         factory, args, state, list_items, dict_items = (*reduced, None, None, None)[:5]
@@ -337,11 +308,11 @@ class Encoder:
             (factory, args, kwargs), constructor = args, "new"
         ref = ref_of(factory, path=where)
         if policy.classify(ref.module, ref.qualname) == "dangerous":
-            raise UnsupportedValueError(
-                f"{where} ({type(value).__qualname__}) would be rebuilt by calling {ref.name}, which safeckpt "
+            raise _refused(
+                path,
+                type(value).__qualname__,
+                f" ({type(value).__qualname__}) would be rebuilt by calling {ref.name}, which safeckpt "
                 "never stores (a bound method or similar); store the object or a plain value instead",
-                path_in_state=where,
-                value_type=type(value).__qualname__,
             )
         again = self._enter(value, path)
         try:
@@ -373,6 +344,12 @@ class Encoder:
             None if list_items is None else self._items(list_items, path, depth),
             None if dict_items is None else self._items(dict_items, path, depth),
         ]
+
+
+def _refused(path: tuple[Any, ...], value_type: str, tail: str) -> UnsupportedValueError:
+    """The error for the value at ``path`` that cannot be saved; its message is the path, then ``tail``."""
+    where = render_path(path)
+    return UnsupportedValueError(where + tail, path_in_state=where, value_type=value_type)
 
 
 def _unsupported_tensor(t: torch.Tensor) -> str | None:

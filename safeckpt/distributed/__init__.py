@@ -10,7 +10,7 @@
   loadable on another world size, and :func:`consolidate` into one safeckpt file.
 
 Collectives exchange outcomes as JSON bytes in tensors, never pickled objects.
-See ``docs/distributed.md`` for DDP and FSDP recipes.
+The README's "Distributed training (DDP, FSDP2)" section has DDP and FSDP2 recipes.
 """
 
 from __future__ import annotations

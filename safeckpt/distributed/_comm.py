@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from .. import errors
+from ..handler import Reporter
 
-__all__ = ["Outcome", "all_gather_outcomes", "broadcast_outcome", "describe", "dist_ready", "world"]
+__all__ = ["Outcome", "all_gather_outcomes", "broadcast_outcome", "describe", "dist_ready", "raise_own", "world"]
 
 _MAX_MESSAGE = 8 * 1024  # characters of an error message that are sent
 _MAX_PAYLOAD = 1 << 20  # bytes a rank accepts from another
@@ -203,3 +204,15 @@ def all_gather_outcomes(error: BaseException | None = None, result: Any = None) 
     bodies = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(world_size)]
     dist.all_gather(bodies, mine)
     return [_decode(r, bodies[r][: lengths[r]].cpu().numpy().tobytes()) for r in range(world_size)]
+
+
+def raise_own(error: BaseException | None, reporter: Reporter, action: str) -> None:
+    """Raise this rank's own failure, if any, once the ranks have exchanged outcomes: a
+    ``BaseException`` (``KeyboardInterrupt``...) as it is, an ``Exception`` through the reporter
+    (``nn_handler.raise_error``) with the message "Rank R failed to ``action``: ...".
+    """
+    if error is None:
+        return
+    if not isinstance(error, Exception):
+        raise error
+    reporter.fail(error, f"Rank {reporter.rank} failed to {action}: {error}")

@@ -20,7 +20,7 @@ from ..handler import Reporter
 from ..limits import DEFAULT_LIMITS, Limits
 from ..multifile import MANIFEST_SUFFIX, split_base
 from ..storage import is_url, join, locate, split_location
-from ._comm import all_gather_outcomes, dist_ready, world
+from ._comm import all_gather_outcomes, dist_ready, raise_own, world
 from .rank0 import _LogOnly, _result_json, _save, load_on_all_ranks
 
 __all__ = ["load_per_rank", "per_rank_path", "save_per_rank"]
@@ -99,10 +99,7 @@ def save_per_rank(
     except BaseException as exc:  # noqa: BLE001 - reported to every rank before it propagates
         error = exc
     outcomes = all_gather_outcomes(error, None if result is None else _result_json(result))
-    if error is not None:
-        if not isinstance(error, Exception):
-            raise error
-        reporter.fail(error, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {error}")
+    raise_own(error, reporter, f"save NNHandler state to {target}")
     failed = [o for o in outcomes if not o.ok]
     if failed:
         remote_error = failed[0].exception(rank, f"save its part of {path}")

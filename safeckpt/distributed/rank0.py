@@ -22,7 +22,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..loading import load
 from ..saving import save_multi_files, save_single_file
 from ..storage import is_url
-from ._comm import broadcast_outcome, dist_ready, world
+from ._comm import broadcast_outcome, dist_ready, raise_own, world
 
 __all__ = ["default_device", "load_on_all_ranks", "save_on_rank0"]
 
@@ -125,10 +125,7 @@ def save_on_rank0(
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks before it propagates
             error = exc
     outcome = broadcast_outcome(error, None if result is None else _result_json(result), src=0)
-    if error is not None:
-        if not isinstance(error, Exception):
-            raise error
-        reporter.fail(error, f"Rank {reporter.rank} failed to save NNHandler state to {target}: {error}")
+    raise_own(error, reporter, f"save NNHandler state to {target}")
     if rank == 0:
         assert result is not None
         return result

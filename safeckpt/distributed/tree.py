@@ -11,7 +11,7 @@ and shape. :func:`merge_tensors` rebuilds the tree with tensors in those places.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,20 @@ def _segment(key: Any) -> str:
     return str(key).replace("%", "%25").replace("/", "%2F")
 
 
+def _rebuild(value: Any, path: tuple[Any, ...], walk: Callable[[Any, tuple[Any, ...]], Any]) -> Any:
+    """A container the tree walks into (dict, ``OrderedDict`` with its attributes, list, tuple) rebuilt
+    with ``walk(child, child's path)`` for each child; any other value as it is."""
+    if type(value) is OrderedDict:
+        out: Any = OrderedDict((k, walk(v, (*path, k))) for k, v in value.items())
+        out.__dict__.update(vars(value))  # e.g. a state_dict()'s _metadata
+        return out
+    if type(value) is dict:
+        return {k: walk(v, (*path, k)) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(walk(v, (*path, i)) for i, v in enumerate(value))
+    return value
+
+
 def split_tensors(state: Mapping[Any, Any]) -> tuple[Any, list[Slot], dict[str, torch.Tensor]]:
     """Take the tensors out of ``state`` (which is not modified).
 
@@ -73,15 +87,7 @@ def split_tensors(state: Mapping[Any, Any]) -> tuple[Any, list[Slot], dict[str, 
             slots.append(Slot(path, key, value.dtype, tuple(value.shape)))
             tensors[key] = value
             return None
-        if type(value) is OrderedDict:
-            out: Any = OrderedDict((k, walk(v, (*path, k))) for k, v in value.items())
-            out.__dict__.update(vars(value))  # e.g. a state_dict()'s _metadata
-            return out
-        if type(value) is dict:
-            return {k: walk(v, (*path, k)) for k, v in value.items()}
-        if type(value) in (list, tuple):
-            return type(value)(walk(v, (*path, i)) for i, v in enumerate(value))
-        return value
+        return _rebuild(value, path, walk)
 
     return walk(state, ()), slots, tensors
 
@@ -110,15 +116,7 @@ def merge_tensors(skeleton: Any, tensors: Mapping[tuple[Any, ...], torch.Tensor]
             return tensors[path]
         if len(path) > _MAX_DEPTH:
             raise CheckpointFormatError(f"the state nests deeper than {_MAX_DEPTH} levels")
-        if type(value) is OrderedDict:
-            out: Any = OrderedDict((k, walk(v, (*path, k))) for k, v in value.items())
-            out.__dict__.update(vars(value))
-            return out
-        if type(value) is dict:
-            return {k: walk(v, (*path, k)) for k, v in value.items()}
-        if type(value) in (list, tuple):
-            return type(value)(walk(v, (*path, i)) for i, v in enumerate(value))
-        return value
+        return _rebuild(value, path, walk)
 
     merged = walk(skeleton, ())
     if placed != len(tensors):

@@ -24,6 +24,7 @@ declared size and again while inflating.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -42,6 +43,7 @@ _LOCAL = b"PK\x03\x04"
 _MAX_COMMENT = 0xFFFF
 _STORED, _DEFLATED = 0, 8
 _CHUNK = 1 << 20
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,8 @@ class Archive:
 
 
 def _fold(name: str) -> str:
-    """miniz compares names ASCII-case-insensitively."""
-    return name.translate(_LOWER)
+    """miniz compares names ASCII-case-insensitively (``str.lower`` is that on an ASCII name)."""
+    return name.lower() if name.isascii() else name.translate(_LOWER)
 
 
 _LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
@@ -257,6 +259,7 @@ def open_archive(path: str | os.PathLike[str], limits: Limits) -> Archive:
             raise CheckpointFormatError(f"{name}: truncated central directory", file=name)
         members: list[Member] = []
         i = 0
+        local = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # local headers as slices, not a seek + 2 reads each
         for _ in range(count):
             if i + 46 > cd_size or directory[i : i + 4] != _CENTRAL:
                 raise CheckpointFormatError(f"{name}: malformed central directory entry at byte {cd_offset + i}", file=name)
@@ -270,24 +273,24 @@ def open_archive(path: str | os.PathLike[str], limits: Limits) -> Archive:
             usize, csize, offset = _zip64_extra(directory[i + 46 + nlen : i + 46 + nlen + elen], usize, csize, offset)
             if flags & 1:
                 raise CheckpointFormatError(f"{name}: member {_name(raw)!r:.200} is encrypted", file=name)
-            members.append(_member(f, name, size, raw, flags, method, csize, usize, offset, problems))
+            members.append(_member(local, name, size, raw, flags, method, csize, usize, offset, problems))
             i = end
+        local.close()
     return _finish(name, size, members, cd_offset, cd_size, problems)
 
 
 def _member(
-    f: object, path: str, size: int, raw: bytes, flags: int, method: int, csize: int, usize: int, offset: int,
+    local: mmap.mmap, path: str, size: int, raw: bytes, flags: int, method: int, csize: int, usize: int, offset: int,
     problems: list[str],
 ) -> Member:
     text = _name(raw)
     if offset + 30 > size:
         raise CheckpointFormatError(f"{path}: member {text!r:.200} starts past the end of the file", file=path)
-    getattr(f, "seek")(offset)
-    header: bytes = getattr(f, "read")(30)
+    header = local[offset : offset + 30]
     if header[:4] != _LOCAL:
         raise CheckpointFormatError(f"{path}: bad local header for {text!r:.200}", file=path)
-    (_, _, lflags, lmethod, _, _, _, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", header)
-    local_name: bytes = getattr(f, "read")(nlen)
+    (_, _, lflags, lmethod, _, _, _, lcsize, lusize, nlen, elen) = _LOCAL_HEADER.unpack(header)
+    local_name = local[offset + 30 : offset + 30 + nlen]
     if local_name != raw:
         problems.append(f"member {text!r:.200} has another name in its local header ({_name(local_name)!r:.200})")
     if lmethod != method:

@@ -6,7 +6,13 @@ ignores whatever follows STOP; other code may slice the value first. So a hidden
 pickle may use any protocol (0 and 1 have no header) and sit at any offset, with
 anything after it.
 
-Rule: every distinct bytes or str value of the read value is searched. A pickle
+Rule: every bytes, bytearray and str payload the pickle carries is searched,
+wherever it sits: the VM records each one as its opcode makes it (``payloads``),
+so values dropped from the result (popped, left in the memo, given to a call
+that replaces them, BUILD state on a tensor, a persistent id's fields) are
+searched like those in it; a value given to :func:`search_nested` is walked too.
+Payloads are searched once each (by identity) and only when they could name a
+global at all (a GLOBAL/INST line pair or a STACK_GLOBAL byte). A pickle
 can only name a global through GLOBAL/INST (``c``/``i`` followed by two text
 lines) or STACK_GLOBAL (``\\x93`` after two strings), so candidate starts are
 offset 0, every PROTO opcode, every GLOBAL/INST opcode and the string opcodes
@@ -14,13 +20,14 @@ shortly before every STACK_GLOBAL; each candidate is run by the no-execution VM
 (with its limits) from there. One that names a global before STOP or before it
 breaks (``pickle.loads`` has run that far by then) is reported with what it
 names (past offset 0 only when that is dangerous: text can parse as a GLOBAL by chance), and what it holds is searched in turn, :data:`MAX_DEPTH` levels deep.
-The work is bounded: the bytes the candidates consume are charged to a
-:class:`Budget` proportional to the file; when it runs out the search stops with
+The work is bounded: the bytes the candidates consume, and a fixed cost per
+candidate run, are charged to a :class:`Budget` proportional to the file; when it runs out the search stops with
 a "suspicious" finding, never a silent "safe".
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import OrderedDict
 from typing import Any
@@ -30,16 +37,18 @@ from ..limits import Limits
 from ..refs import OpaqueObject
 from .vm import Report, SymbolicUnpickler
 
-__all__ = ["Budget", "search_nested"]
+__all__ = ["Budget", "search_nested", "search_payloads"]
 
 MAX_DEPTH = 3  # pickles inside bytes inside pickles, searched this deep
 MIN_LEN = 8  # the shortest pickle that names a global ("cos\nsystem\n" is 11 bytes)
 _PROTO = re.compile(rb"\x80[\x00-\x05]")
 _GLOBAL = re.compile(rb"[ci][A-Za-z_][A-Za-z0-9_.]{0,200}\n[A-Za-z_][A-Za-z0-9_.]{0,200}\n")
 _STACK_GLOBAL = re.compile(rb"\x93")
-_STRING_OPS = frozenset(b"\x8cXVUTSB")
+_STRING_OP = re.compile(rb"[\x8cXVUTSB]")
 _LOOKBACK = 512  # STACK_GLOBAL: string opcodes this far back are candidate starts
 _PER_STACK_GLOBAL = 32
+_READ_AHEAD = 256
+_RUN_COST = 64  # bytes of budget one candidate costs besides those it reads (starting the VM is not free)
 
 
 class Budget:
@@ -86,13 +95,19 @@ class _Window:
 
 
 def _candidates(data: bytes) -> list[int]:
+    """Offsets a hidden pickle may start at; none when ``data`` cannot name a global at all."""
+    stack_globals = [m.start() for m in _STACK_GLOBAL.finditer(data)]
+    if not stack_globals and _GLOBAL.search(data) is None:
+        return []
     starts = {0}
     starts.update(m.start() for m in _PROTO.finditer(data))
     starts.update(m.start() for m in _GLOBAL.finditer(data))
-    for m in _STACK_GLOBAL.finditer(data):
-        lo = max(0, m.start() - _LOOKBACK)
-        found = [i for i in range(m.start() - 1, lo - 1, -1) if data[i] in _STRING_OPS][:_PER_STACK_GLOBAL]
-        starts.update(found)
+    if stack_globals:
+        string_ops = [m.start() for m in _STRING_OP.finditer(data)]
+        for at in stack_globals:  # the string opcodes just before it, nearest first (bisect: no byte walked twice per hit)
+            hi = bisect.bisect_left(string_ops, at)
+            lo = max(bisect.bisect_left(string_ops, at - _LOOKBACK), hi - _PER_STACK_GLOBAL)
+            starts.update(string_ops[lo:hi])
     return sorted(starts)
 
 
@@ -129,9 +144,22 @@ def _strings(value: Any, limit: int) -> list[bytes]:
 
 def search_nested(value: Any, report: Report, limits: Limits, budget: Budget, depth: int = 0) -> None:
     """Search the bytes and strings inside ``value`` for pickles; record what they name in ``report``."""
+    search_payloads(_strings(value, limits.max_depth), report, limits, budget, depth)
+
+
+def search_payloads(payloads: list[Any], report: Report, limits: Limits, budget: Budget, depth: int = 0) -> None:
+    """Search ``payloads`` (bytes, bytearray or str values a pickle carried) for pickles, and the
+    payloads of those in turn; record what they name in ``report``."""
     if depth >= MAX_DEPTH:
         return
-    for data in _strings(value, limits.max_depth):
+    seen: set[int] = set()
+    for payload in payloads:
+        if id(payload) in seen:
+            continue
+        seen.add(id(payload))
+        if len(payload) < MIN_LEN:
+            continue
+        data = payload.encode("latin-1", "replace") if type(payload) is str else bytes(payload)
         covered = -1
         for start in _candidates(data):
             if budget.exhausted:
@@ -144,15 +172,16 @@ def search_nested(value: Any, report: Report, limits: Limits, budget: Budget, de
                 continue
             window = _Window(data, start, min(len(data), start + budget.left))
             nested = Report()
-            inner: Any = None
             ok = False
             unpickler = SymbolicUnpickler(window, nested, limits, {}, None, nested_depth=MAX_DEPTH)
+            unpickler.payloads = []
+            unpickler.read_ahead = _READ_AHEAD  # most candidates break within bytes: copy little
             try:
-                inner = unpickler.load()
+                unpickler.load()
                 ok = True
             except CheckpointFormatError:
                 pass
-            budget.spend(max(1, getattr(unpickler, "bytes_read", window.high - start)))
+            budget.spend(_RUN_COST + max(1, getattr(unpickler, "bytes_read", window.high - start)))
             if not nested.uses or (start and not nested.dangerous):
                 continue  # no global; or text mid-value that parses by chance and names nothing dangerous
             covered = window.tell() if ok else covered
@@ -162,5 +191,5 @@ def search_nested(value: Any, report: Report, limits: Limits, budget: Budget, de
             severity = "dangerous" if nested.dangerous else "suspicious"
             names = ", ".join(dangerous or sorted(nested.uses))
             report.find("nested-pickle", severity, f"a bytes value holds a pickle at byte {start} naming {names:.500}")
-            if ok:
-                search_nested(inner, report, limits, budget, depth + 1)
+            # what it carried, even if it broke later: pickle.loads ran its calls up to there
+            search_payloads(unpickler.payloads, report, limits, budget, depth + 1)

@@ -23,7 +23,7 @@ from ..errors import CheckpointFormatError
 from ..limits import Limits
 from ..policy import ALLOWED
 from ..refs import GlobalRef, OpaqueObject
-from ..tensors import ViewScope, dtype_name, torch_size, view_tensor
+from ..tensors import ViewScope, make_view, torch_size
 from .vm import make_pending
 
 __all__ = ["Rebuilder", "StorageRef", "StorageType", "swap_size"]
@@ -68,6 +68,10 @@ class StorageRef:
     load: Callable[[], torch.Tensor]
     _data: torch.Tensor | None = field(default=None, repr=False)
 
+    def where(self) -> str:
+        """This storage, named for an error message."""
+        return f"storage {self.key!r:.50}"
+
     def bytes(self) -> torch.Tensor:
         """The storage's bytes as a flat ``uint8`` tensor, shared by every tensor viewing it."""
         if self._data is None:
@@ -88,8 +92,11 @@ def swap_size(dtype: torch.dtype | None) -> int:
 
 
 def _ints(value: Any, what: str) -> list[int]:
-    if type(value) not in (tuple, list, torch.Size) or not all(type(v) is int for v in value):
+    if type(value) not in (tuple, list, torch.Size):
         raise CheckpointFormatError(f"{what} is not a sequence of ints")
+    for v in value:
+        if type(v) is not int:
+            raise CheckpointFormatError(f"{what} is not a sequence of ints")
     return list(value)
 
 
@@ -213,12 +220,14 @@ class Rebuilder:
     # tensors -----------------------------------------------------------------------------
 
     def _view(self, storage: Any, dtype: torch.dtype | None, offset: Any, size: Any, stride: Any) -> torch.Tensor:
-        if not isinstance(storage, StorageRef):
+        if type(storage) is not StorageRef:
             raise CheckpointFormatError("a tensor rebuilt from something that is not a storage")
         if dtype is None or type(offset) is not int:
-            raise CheckpointFormatError(f"tensor on storage {storage.key!r} has no dtype or offset")
-        view = [dtype_name(dtype), _ints(size, "tensor size"), _ints(stride, "tensor stride"), offset]
-        return view_tensor(storage.bytes(), view, limits=self._limits, scope=self._views, where=f"storage {storage.key!r:.50}")
+            raise CheckpointFormatError(f"tensor on storage {storage.key!r:.50} has no dtype or offset")
+        return make_view(
+            storage.bytes(), dtype, _ints(size, "tensor size"), _ints(stride, "tensor stride"), offset,
+            limits=self._limits, scope=self._views, where=storage.where,
+        )
 
     @staticmethod
     def _grad(tensor: torch.Tensor, requires_grad: Any) -> torch.Tensor:

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 import stat
 import struct
@@ -35,9 +34,9 @@ from .. import policy
 from ..errors import CheckpointFormatError, LimitExceededError, SafeCkptError
 from ..limits import DEFAULT_LIMITS, Limits
 from ..refs import GlobalRef, OpaqueObject
-from ..storage import is_url, open_file, open_source
+from ..storage import local_text, open_file, open_source
 from .archive import open_archive
-from .nested import Budget, search_nested
+from .nested import Budget, search_payloads
 from .tarscan import scan_tar
 from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code
 from .vm import Finding, Report, SymbolicUnpickler
@@ -130,10 +129,14 @@ def _persistent(itemsizes: dict[str, int]) -> Any:
 
 
 def _pickle(s: _Scan, source: Any, persistent: Any = None) -> Any:
-    """Run one pickle inertly; search what it holds for hidden pickles."""
-    value = SymbolicUnpickler(source, s.report, s.limits, {}, persistent).load()
-    search_nested(value, s.report, s.limits, s.budget)
-    return value
+    """Run one pickle inertly; search every bytes and str value it carried for hidden pickles
+    (those it dropped too, and those made before it broke: ``pickle.load`` ran that far)."""
+    vm = SymbolicUnpickler(source, s.report, s.limits, {}, persistent)
+    vm.payloads = []
+    try:
+        return vm.load()
+    finally:
+        search_payloads(vm.payloads, s.report, s.limits, s.budget)
 
 
 # --------------------------------------------------------------------------- formats
@@ -357,9 +360,9 @@ def scan(
         FileNotFoundError: if there is no such file.
         CheckpointFormatError: if it parses as no checkpoint format at all.
     """
-    if is_url(path) and not str(path).startswith("file://"):
+    name = local_text(path)
+    if name is None:
         return _scan_url(str(path), limits, storage_options)
-    name = os.fspath(path).removeprefix("file://")
     with open_file(name):  # a regular file (a link to one is followed); never blocks on a FIFO
         pass
     return _scan_file(name, limits)
@@ -367,14 +370,8 @@ def scan(
 
 def _scan_url(url: str, limits: Limits, storage_options: Mapping[str, Any] | None) -> ScanReport:
     """Scan a remote file from a temporary local copy; the report and any error name the URL."""
-    with open_source(url, storage_options) as source, tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:
-        temp = os.path.join(tmp, url.rstrip("/").rpartition("/")[2] or "file")
-        with open(temp, "wb") as f:
-            position = 0
-            while position < source.size:
-                end = min(source.size, position + (1 << 26))
-                f.write(source.read(position, end))
-                position = end
+    with open_source(url, storage_options) as source, source.local_copy() as local:
+        temp = os.fspath(local)
         try:
             return dataclasses.replace(scan(temp, limits=limits), path=url)
         except SafeCkptError as exc:

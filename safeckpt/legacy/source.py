@@ -31,7 +31,14 @@ _F8 = struct.Struct(">d")
 
 
 class PickleSource:
-    """Input of one pickle: ``bytes`` or a file-like object with ``read``, ``tell`` and ``seek``."""
+    """Input of one pickle: ``bytes`` or a file-like object with ``read``, ``tell`` and ``seek``.
+
+    Attributes:
+        read_ahead: bytes read from a file at a time, at least (then doubling with what is
+            held); a caller starting many short reads in one large buffer sets it small.
+    """
+
+    read_ahead = CHUNK
 
     def __init__(self, source: Any, limits: Limits) -> None:
         self._limits = limits
@@ -64,7 +71,7 @@ class PickleSource:
         self._origin += self._i
         chunks = [rest]
         have = len(rest)
-        target = max(need, have + max(CHUNK, have))  # doubling: a long text line is read in O(its length)
+        target = max(need, have + max(self.read_ahead, have))  # doubling: a long text line is read in O(its length)
         while have < target:
             data = self._file.read(target - have)
             if not data:

@@ -8,7 +8,7 @@ tries it FIRST for any file at offset 0: when Python's ``tarfile`` opens the fil
 loads this format, but ``scan`` must answer for it.
 
 Rule: a file ``tarfile`` opens is a tar checkpoint to ``scan``. Every regular member is
-searched for pickles at every offset (:func:`~safeckpt.legacy.nested.search_nested`,
+searched for pickles at every offset (:func:`~safeckpt.legacy.nested.search_payloads`,
 from byte 0 and at every PROTO/GLOBAL/STACK_GLOBAL start, within the scan's budget);
 a ``storages``, ``tensors`` or ``pickle`` member that is a link or another non-regular
 entry makes the file dangerous (torch would unpickle whatever the link reaches).
@@ -21,7 +21,7 @@ import os
 import tarfile
 
 from ..limits import Limits
-from .nested import Budget, search_nested
+from .nested import Budget, search_payloads
 from .vm import Report
 
 __all__ = ["TORCH_TAR_MEMBERS", "scan_tar"]
@@ -54,7 +54,7 @@ def scan_tar(path: str, report: Report, limits: Limits, budget: Budget) -> str |
                 if handle is None:
                     continue
                 data = handle.read(min(member.size, size))
-                search_nested(data, report, limits, budget)
+                search_payloads([data], report, limits, budget)
     except (tarfile.TarError, EOFError):
         return None
     except (ValueError, UnicodeError, OverflowError) as exc:  # headers tarfile chokes on

@@ -2,10 +2,12 @@
 
 - the zip archive of torch >= 1.6: ``<name>/data.pkl`` plus one member per storage
   (``<name>/data/<key>``), stored uncompressed; storages are memory-mapped
-  copy-on-write straight from the file;
+  copy-on-write straight from the file (a deflated one, which torch also reads, is
+  inflated within ``Limits.max_inflated_bytes``);
 - the pre-1.6 stream: a magic-number pickle, a protocol pickle, a sys-info
   pickle, the main pickle, a pickle listing storage keys, then each storage as
-  an int64 element count followed by its bytes;
+  an int64 element count followed by its bytes; read in one pass over its
+  pickles, storages in fresh memory (see :mod:`.storages`);
 - a bare pickle (no storages).
 
 Every pickle in them, including the magic number and sys info, goes through
@@ -19,9 +21,9 @@ from __future__ import annotations
 import io
 import os
 import pickletools
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -29,13 +31,11 @@ import torch
 
 from ..detect import Kind, detect
 from ..errors import CheckpointFormatError, SafeCkptError, UnsafeCheckpointError
-from ..storage import open_file
 from ..limits import Limits, check_in_file
-from ..refs import GlobalRef
-from ..text import show
+from ..storage import open_file
 from .archive import Archive, Member, open_archive
-from .rebuild import Rebuilder, StorageRef, StorageType, swap_size
-from .source import PickleSource
+from .rebuild import Rebuilder, StorageRef, swap_size
+from .storages import StreamStorages, element_size, storage_pid
 from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code, script_state_dict
 from .vm import Report, SymbolicUnpickler, check_depth
 
@@ -100,8 +100,10 @@ class _Reader:
         self.limits = limits
         self.device = device
         self.report = report
-        self.rebuild = Rebuilder(limits)
+        self.rebuild = Rebuilder(limits, source_bytes=os.path.getsize(path), file=path)  # expansion: bounded by the file
         self._mapping: np.ndarray | None = None
+        self._meta = device.type == "meta"
+        self._cpu = device.type == "cpu"
 
     def unpickler(self, source: Any, persistent_load: Any = None) -> SymbolicUnpickler:
         return SymbolicUnpickler(
@@ -113,22 +115,6 @@ class _Reader:
             values=self.rebuild.values,
             build=self.rebuild.build,
         )
-
-    @staticmethod
-    def module_class(pid: Any) -> GlobalRef | None:
-        """Pre-1.6 files store an ``nn.Module`` subclass as ``('module', cls, file, source)``:
-        the class reference is kept (inert), its recorded source is ignored."""
-        if type(pid) is tuple and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], GlobalRef):
-            return pid[1]
-        return None
-
-    def storage_pid(self, pid: Any) -> tuple[StorageType, str, str, int, Any]:
-        if type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] != "storage":
-            raise CheckpointFormatError(f"{self.path}: persistent id {show(pid)} is not a torch storage")
-        _, kind, key, location, numel = pid[:5]
-        if not isinstance(kind, StorageType) or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointFormatError(f"{self.path}: malformed storage reference {show(pid)}")
-        return kind, key, location, numel, pid[5] if len(pid) == 6 else None
 
     def file_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of the file at ``offset`` as a uint8 tensor over one private copy-on-write
@@ -145,16 +131,17 @@ class _Reader:
         return data.clone() if self.copy else data
 
     def place(self, data: torch.Tensor) -> torch.Tensor:
-        return data if self.device.type == "cpu" else data.to(self.device)
+        return data if self._cpu else data.to(self.device)
+
+    def placed_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
+        """:meth:`file_bytes` on the target device."""
+        data = self.file_bytes(offset, nbytes)
+        return data if self._cpu else data.to(self.device)
 
     def meta_or(self, nbytes: int, load: Any) -> Any:
-        if self.device.type == "meta":  # scanning: no bytes are read
+        if self._meta:  # scanning: no bytes are read
             return lambda: torch.empty(nbytes, dtype=torch.uint8, device="meta")
         return lambda: self.place(load())
-
-
-def _element_size(kind: StorageType) -> int:
-    return 1 if kind.dtype is None else kind.dtype.itemsize
 
 
 # --------------------------------------------------------------------------- zip archives
@@ -192,33 +179,39 @@ def _read_zip(reader: _Reader) -> tuple[Any, str]:
     limits.check("max_skeleton_bytes", info.size, what="the size of data.pkl", file=path)
     data = archive.read(info, limits)
     storages: dict[str, StorageRef] = {}
+    plain = order == "little" and not reader._meta
 
     def member_bytes(member: Member, itemsize: int) -> torch.Tensor:
         if member.size == 0:
             return torch.empty(0, dtype=torch.uint8)
-        if member.method != 0:  # torch.save never compresses storages
-            raise CheckpointFormatError(f"{path}: storage member {member.name} is compressed", file=path)
-        tensor = reader.file_bytes(member.data_offset, member.size)
+        if member.method != 0:  # torch.save never deflates storages, torch.load reads them: inflated within limits
+            tensor = torch.frombuffer(bytearray(archive.read(member, limits)), dtype=torch.uint8)
+        else:
+            tensor = reader.file_bytes(member.data_offset, member.size)
         if order == "big" and itemsize > 1:
             swapped = tensor.numpy().reshape(-1, itemsize)[:, ::-1].copy().reshape(-1)
             tensor = torch.from_numpy(swapped)
         return tensor
 
     def persistent_load(pid: Any) -> StorageRef:
-        kind, key, location, numel, _ = reader.storage_pid(pid)
-        if key in storages:
-            return storages[key]
+        kind, key, location, numel, _ = storage_pid(pid, path)
+        ref = storages.get(key)
+        if ref is not None:
+            return ref
         member = archive.find(f"data/{key}")
         if member is None:
             raise CheckpointFormatError(f"{path}: storage {key!r:.50} is missing from the archive", file=path)
-        nbytes = numel * _element_size(kind)
+        nbytes = numel * element_size(kind)
         if member.size != nbytes:
             raise CheckpointFormatError(
                 f"{path}: storage {key!r:.50} holds {member.size} bytes, its reference says {nbytes}", file=path
             )
-        load = reader.meta_or(nbytes, lambda: member_bytes(member, swap_size(kind.dtype)))
-        storages[key] = StorageRef(key, kind.dtype, nbytes, load)
-        return storages[key]
+        if plain and member.method == 0 and nbytes:  # the common case: one slice of the mapping, no swap
+            load: Any = partial(reader.placed_bytes, member.data_offset, nbytes)
+        else:
+            load = reader.meta_or(nbytes, partial(member_bytes, member, swap_size(kind.dtype)))
+        ref = storages[key] = StorageRef(key, kind.dtype, nbytes, load)
+        return ref
 
     value = reader.unpickler(io.BytesIO(data), persistent_load).load()
     if not script:
@@ -257,89 +250,14 @@ def _read_stream(reader: _Reader) -> tuple[Any, str]:
             raise CheckpointFormatError(f"{path}: malformed legacy sys info", file=path)
         if sys_info.get("little_endian") is False:
             raise CheckpointFormatError(f"{path}: big-endian legacy files are not supported", file=path)
-        main_start = f.tell()
-        PickleSource(window, reader.limits).skip()  # skip the main pickle: storages come after it
+        storages = StreamStorages(path, reader.device, f, size)
+        value = reader.unpickler(window, storages.persistent_load).load()
         keys = reader.unpickler(window).load()
         if type(keys) is not list or not all(type(k) is str for k in keys):
             raise CheckpointFormatError(f"{path}: malformed legacy storage key list", file=path)
         reader.limits.check("max_tensors", len(keys), what="the number of storages", file=path)
-        data_start = f.tell()
-        table = _legacy_layout(f, keys, data_start, size, reader, main_start, window)
-        storages: dict[str, StorageRef] = {}
-
-        def persistent_load(pid: Any) -> Any:
-            module_class = reader.module_class(pid)
-            if module_class is not None:
-                return module_class
-            kind, key, _, numel, view = reader.storage_pid(pid)
-            root = storages.get(key)
-            if root is None:
-                if key not in table:
-                    raise CheckpointFormatError(f"{path}: storage {key!r:.50} has no data", file=path)
-                offset, count, itemsize = table[key]
-                if count != numel or itemsize != _element_size(kind):
-                    raise CheckpointFormatError(f"{path}: storage {key!r:.50} size disagrees with its data", file=path)
-                nbytes = count * itemsize
-                load = reader.meta_or(nbytes, lambda: reader.file_bytes(offset, nbytes))
-                root = storages[key] = StorageRef(key, kind.dtype, nbytes, load)
-            if view is None:
-                return root
-            if type(view) is not tuple or len(view) != 3 or type(view[1]) is not int or type(view[2]) is not int:
-                raise CheckpointFormatError(f"{path}: malformed storage view of {key!r:.50}", file=path)
-            view_key, start, length = view
-            if view_key in storages:
-                return storages[view_key]
-            itemsize = _element_size(kind)
-            if start < 0 or length < 0 or (start + length) * itemsize > root.nbytes:
-                raise CheckpointFormatError(f"{path}: storage view outside {key!r:.50}", file=path)
-            part = StorageRef(
-                str(view_key), kind.dtype, length * itemsize,
-                lambda: root.bytes()[start * itemsize : (start + length) * itemsize],
-            )
-            storages[str(view_key)] = part
-            return part
-
-        f.seek(main_start)
-        value = reader.unpickler(window, persistent_load).load()
+        storages.fill(keys, f.tell())
         return value, "torch-legacy"
-
-
-def _legacy_layout(
-    f: BinaryIO, keys: list[str], data_start: int, size: int, reader: _Reader, main_start: int, window: _Bounded
-) -> dict[str, tuple[int, int, int]]:
-    """Where each storage's bytes are: needs each storage's element size, read from a first,
-    data-free pass over the main pickle (storages on the meta device)."""
-    itemsizes: dict[str, int] = {}
-
-    def record(pid: Any) -> Any:
-        module_class = reader.module_class(pid)
-        if module_class is not None:
-            return module_class
-        kind, key, _, numel, _ = reader.storage_pid(pid)
-        itemsizes.setdefault(key, _element_size(kind))
-        nbytes = numel * _element_size(kind)
-        return StorageRef(key, kind.dtype, nbytes, lambda: torch.empty(nbytes, dtype=torch.uint8, device="meta"))
-
-    f.seek(main_start)
-    survey = Report()
-    SymbolicUnpickler(  # no constructor runs: only the persistent ids matter here
-        window, survey, reader.limits, {}, record, values=reader.rebuild.values, build=reader.rebuild.build
-    ).load()
-    table = {}
-    f.seek(data_start)
-    for key in keys:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointFormatError(f"{reader.path}: truncated before storage {key!r:.50}", file=reader.path)
-        (numel,) = struct.unpack("<q", head)
-        itemsize = itemsizes.get(key)
-        if itemsize is None or numel < 0:
-            raise CheckpointFormatError(f"{reader.path}: storage {key!r:.50} is not referenced or malformed", file=reader.path)
-        offset = f.tell()
-        check_in_file(offset + numel * itemsize, size, lambda: f"{reader.path}: storage {key!r:.50}", file=reader.path)
-        table[key] = (offset, numel, itemsize)
-        f.seek(offset + numel * itemsize)
-    return table
 
 
 # --------------------------------------------------------------------------- entry point
@@ -351,6 +269,17 @@ def _starts_like_pickle(path: str) -> bool:
     with open(path, "rb") as f:
         first = f.read(1)
     return bool(first) and first.decode("latin-1") in getattr(pickletools, "code2op")
+
+
+def _name_in_message(exc: SafeCkptError, name: str, *, bare: bool) -> None:
+    """Every error reading a file names it; bytes that are no torch.save file and do not parse
+    as a pickle (a text file whose first byte happens to be an opcode) are "not a checkpoint"."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    if bare and type(exc) is CheckpointFormatError:
+        text = f"{name} is not a checkpoint safeckpt can read (not a torch.save file, and not a pickle: {text})"
+    elif name not in text:
+        text = f"{name}: {text}"
+    exc.args = (text, *exc.args[1:])
 
 
 def read_torch_file(
@@ -388,6 +317,7 @@ def read_torch_file(
     except SafeCkptError as exc:
         _finish(report, name)  # a dangerous name found before the error wins
         exc.file = exc.file or name
+        _name_in_message(exc, name, bare=kind is Kind.UNKNOWN)
         raise
     except FileNotFoundError:
         raise

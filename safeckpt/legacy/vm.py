@@ -7,7 +7,7 @@ and it cannot tell *how* a global is used (called, instantiated, or merely
 named), which scanning needs. Here every opcode of protocols 0-5 is handled
 explicitly, by a dispatch table of handlers (the bytes are decoded by
 :mod:`.source` as Python's ``pickle`` decodes them). Globals are looked up in
-:mod:`.policy` by name only:
+:mod:`..policy` by name only:
 
 - allowed names run safeckpt's own re-implementation (:mod:`.rebuild`);
 - dangerous names are recorded (all of them, so the error can list every one)
@@ -105,7 +105,8 @@ class SymbolicUnpickler(ObjectOps):
         self.spent = 0
         self._grows = _allowance is None  # a nested pickle spends what its outer one allows
         self._cap = limits.max_pickle_work if _allowance is None else _allowance
-        self._table = [getattr(self, _HANDLERS.get(code, "_unknown")) for code in range(256)]
+        bound = {name: getattr(self, name) for name in _HANDLER_NAMES}  # each handler bound once, not per byte value
+        self._table = [bound[name] for name in _TABLE_NAMES]
 
     # driver -----------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class SymbolicUnpickler(ObjectOps):
 
 
 _HANDLERS = {op.code.encode("latin-1")[0]: "op_" + op.name for op in pickletools.opcodes}
+_TABLE_NAMES = [_HANDLERS.get(code, "_unknown") for code in range(256)]
+_HANDLER_NAMES = frozenset(_TABLE_NAMES)
 
 
 def make_pending(finish: Callable[[Any], Any], placeholder: OpaqueObject) -> _Pending:

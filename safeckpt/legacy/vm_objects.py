@@ -16,7 +16,7 @@ from .. import policy
 from ..errors import CheckpointFormatError
 from ..refs import MAX_NAME_LEN, GlobalRef, OpaqueObject
 from .budget import shallow_units
-from .vm_state import _C, _HASHING_CALLS, _NO_VALUE, _PLAIN, _SIZED, _Pending
+from .vm_state import _C, _HASHING_CALLS, _NO_VALUE, _SIZED, _Pending
 from .vm_values import ValueOps
 
 
@@ -91,7 +91,7 @@ class ObjectOps(ValueOps):
         implementation = None
         if policy.classify(factory.module, factory.qualname) == "allowed":
             implementation = self._calls.get(name) or self._calls.get(canonical)
-        entry = (factory, name, implementation, canonical in _HASHING_CALLS or name in _HASHING_CALLS)
+        entry = (factory, name, implementation, _HASHING_CALLS.get(canonical) or _HASHING_CALLS.get(name))
         self._factories[id(factory)] = entry
         return entry
 
@@ -119,11 +119,9 @@ class ObjectOps(ValueOps):
             if type(arg) in _SIZED:
                 units += shallow_units(arg)
         if implementation is not None and not kwargs:
-            if hashes:  # set(), frozenset(), OrderedDict() hash what they get
-                for arg in args:
-                    if type(arg) in _PLAIN and type(arg) is not str and type(arg) is not bytes:
-                        for item in arg:
-                            units += self._key_cost(item) if type(item) is list else self._key_cost((item,))
+            counts: dict[int, int] = {}
+            if hashes and len(args) == 1:  # set(), frozenset(), OrderedDict() hash what they get
+                units += self._key_cost(_hashed_keys(hashes, args[0]), None, counts)
             self._charge(2 * units, f"a call of {name}")
             try:
                 value = implementation(*args)
@@ -133,6 +131,7 @@ class ObjectOps(ValueOps):
                 raise self._error(f"bad arguments for {name}: {type(exc).__name__}: {str(exc)[:200]}") from exc
             if type(value) is _Pending:
                 self._pending = True
+            self._hashes.adopt(value, counts)  # later SETITEMS/ADDITEMS count on
             self._push(value)
             return
         kwargs = dict(kwargs or {})
@@ -239,3 +238,16 @@ class ObjectOps(ValueOps):
             raise self._error("a persistent id outside a torch archive")
         self._charge(_C["object"] + shallow_units(pid), "a persistent id")
         self._push(self._persistent_load(pid))
+
+
+def _hashed_keys(kind: str, arg: Any) -> list[Any]:
+    """What ``set(arg)`` (``kind`` "set") or ``OrderedDict(arg)`` ("dict") will hash."""
+    if type(arg) not in _SIZED or type(arg) in (str, bytes, bytearray):
+        return []  # not a container (the call fails), or characters (str) or small ints (bytes)
+    if kind == "set":
+        return list(arg)
+    keys = []
+    for pair in arg:  # OrderedDict unpacks each pair: its key is what iterating it yields first
+        if type(pair) in _SIZED and len(pair) == 2:
+            keys.append(pair[0] if type(pair) is tuple or type(pair) is list else next(iter(pair)))
+    return keys

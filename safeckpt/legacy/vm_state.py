@@ -10,11 +10,14 @@ Nothing here executes anything from a pickle.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import LimitExceededError
+from ..keyhash import EqualHashes, count_equal_hashes
+from ..limits import Limits
 from ..refs import OpaqueObject
 from .budget import COSTS, work_error
 from .source import _U4, PickleSource
@@ -39,8 +42,9 @@ def _short(value: Any) -> str:
     return type(value).__name__
 
 
-_HASHING_CALLS = frozenset({"builtins:set", "builtins:frozenset", "collections:OrderedDict"})
-_PLAIN = frozenset({str, int, float, bool, type(None), bytes, tuple, list, dict, OrderedDict, set, frozenset})
+#: allowed calls that hash what they are given: "set" hashes its argument's items, "dict" the first of each pair
+_HASHING_CALLS = {"builtins:set": "set", "builtins:frozenset": "set", "collections:OrderedDict": "dict"}
+_MODULUS = sys.hash_info.modulus
 _SIZED = frozenset({str, bytes, bytearray, tuple, list, dict, OrderedDict, set, frozenset})
 _NO_VALUE = object()
 _C = COSTS
@@ -48,6 +52,13 @@ _C = COSTS
 
 class VMState(PickleSource):
     """Budget, stack, MARK and memo bookkeeping (attributes are set by :class:`.vm.SymbolicUnpickler`)."""
+
+    def __init__(self, source: Any, limits: Limits) -> None:
+        super().__init__(source, limits)
+        self._hashes = EqualHashes(limits.max_equal_hash_keys)  # keys of one hash, per container (see ..keyhash)
+        #: a list to record every str, bytes and bytearray value the opcodes make (scanning
+        #: searches them all for hidden pickles, see .nested); None: not recorded
+        self.payloads: list[Any] | None = None
 
     # budget -----------------------------------------------------------------------
 
@@ -65,14 +76,31 @@ class VMState(PickleSource):
         if spent > self._cap:
             raise work_error(spent, self._cap, limits, what)
 
-    def _key_cost(self, values: Any) -> int:
-        """Units to hash every item of ``values`` (charging the walks it remembers)."""
+    def _key_cost(self, values: Any, container: Any, counts: dict[int, int] | None = None) -> int:
+        """Units to insert every item of ``values`` as a key of ``container`` (charging the walks
+        it remembers, and the comparisons with keys of an equal hash, whose number per hash is
+        bounded by ``Limits.max_equal_hash_keys``: see :mod:`..keyhash`). ``container`` is
+        ``None`` for one made once from all its keys; ``counts`` (then) keeps their counts."""
         keys = self._keys
         before = keys.cached
         total = 0
+        odd = None  # keys whose hash a file may choose
         for value in values:
             kind = type(value)
-            total += 1 if kind is str or kind is bytes else keys.cost(value)
+            if kind is str or kind is bytes:
+                total += 1
+                continue
+            total += keys.cost(value)
+            if kind is not int or not -_MODULUS < value < _MODULUS:
+                if odd is None:
+                    odd = [value]
+                else:
+                    odd.append(value)
+        if odd is not None:
+            hashes = self._hashes
+            if counts is None:
+                counts = hashes.counts_of(container)
+            total += _C["entry"] * len(odd) + count_equal_hashes(counts, odd, hashes.limit, keys.cost)
         return total + _C["key"] * (keys.cached - before)
 
     # stack ------------------------------------------------------------------------
@@ -167,6 +195,8 @@ class VMState(PickleSource):
         index = self._decimal(self._line())
         if index < 0:
             raise self._error("negative PUT argument")
+        if index >= _MODULUS:  # the only memo key a file writes in full: it may be chosen to collide
+            self._charge(self._key_cost((index,), self._memo), "a memo key")
         self._put(index)
 
     def op_MEMOIZE(self) -> None:

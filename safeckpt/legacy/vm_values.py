@@ -118,6 +118,8 @@ class ValueOps(VMState):
 
     def _data(self, arg: Any) -> None:
         self._charge(6 + (len(arg) >> 3), "a string")
+        if self.payloads is not None:
+            self.payloads.append(arg)
         if len(arg) >= 4 and arg[-1:] in (b".", ".") and self._nested_depth < MAX_NESTED_DEPTH:
             head = arg[:2].encode("latin-1", "replace") if isinstance(arg, str) else arg[:2]
             if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -148,10 +150,14 @@ class ValueOps(VMState):
     def op_BYTEARRAY8(self) -> None:
         data = self._take(self._u8(), "bytearray")
         self._charge(7 + (len(data) >> 3), "a bytearray")
+        if self.payloads is not None:
+            self.payloads.append(data)
         self._push(bytearray(data))
 
     def _py2_string(self, raw: bytes) -> None:
         self._charge(12 + (len(raw) >> 2), "a string")
+        if self.payloads is not None:
+            self.payloads.append(raw)
         try:
             self._push(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -279,13 +285,15 @@ class ValueOps(VMState):
             raise self._error("odd number of items for DICT")
         keys = items[0::2]
         self._check_len(len(keys))
-        self._charge(_C["dict"] + _C["entry"] * len(keys) + self._key_cost(keys), "a dict")
-        self._push(dict(zip(keys, items[1::2])))
+        value: dict[Any, Any] = {}
+        self._charge(_C["dict"] + _C["entry"] * len(keys) + self._key_cost(keys, value), "a dict")
+        value.update(zip(keys, items[1::2]))
+        self._push(value)
 
     def op_FROZENSET(self) -> None:
         items = self._settled(self._pop_mark())
         self._check_len(len(items))
-        self._charge(_C["set"] + _C["element"] * len(items) + self._key_cost(items), "a frozenset")
+        self._charge(_C["set"] + _C["element"] * len(items) + self._key_cost(items, None), "a frozenset")
         self._push(frozenset(items))
 
     def op_APPEND(self) -> None:
@@ -329,7 +337,7 @@ class ValueOps(VMState):
         kind = type(target)
         if kind is dict or kind is OrderedDict:
             self._check_len(len(target) + len(keys))
-            self._charge(_C["entry"] * len(keys) + self._key_cost(keys), "dict items")
+            self._charge(_C["entry"] * len(keys) + self._key_cost(keys, target), "dict items")
             target.update(zip(keys, items[1::2]))
         elif isinstance(target, OpaqueObject):
             current = target.dict_items
@@ -349,5 +357,5 @@ class ValueOps(VMState):
         if type(target) is not set:
             raise self._error(f"ADDITEMS on a {type(target).__name__}")
         self._check_len(len(target) + len(items))
-        self._charge(_C["element"] * len(items) + self._key_cost(items), "set items")
+        self._charge(_C["element"] * len(items) + self._key_cost(items, target), "set items")
         target.update(items)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .atomic import atomic_path, atomic_write, fsync_dir, pid_alive
-from .base import ByteSource, FileRecord, Storage
+from .base import ByteSource, FileRecord, Storage, unmatched
 from .fsspec_store import FsspecSource, FsspecStorage
 from .local import LocalSource, LocalStorage, open_file, open_regular
 from .paths import is_url, join, display_path, split_location
@@ -32,6 +32,7 @@ __all__ = [
     "fsync_dir",
     "is_url",
     "join",
+    "local_text",
     "locate",
     "open_file",
     "open_regular",
@@ -40,10 +41,13 @@ __all__ = [
     "pid_alive",
     "display_path",
     "split_location",
+    "unmatched",
 ]
 
 
-def _local_text(location: str | os.PathLike[str]) -> str | None:
+def local_text(location: str | os.PathLike[str]) -> str | None:
+    """The local path a location names (a path, or a ``file://`` URL without its scheme); ``None`` for
+    any other URL."""
     text = os.fspath(location)
     if text.startswith("file://"):
         return text.removeprefix("file://")
@@ -52,7 +56,7 @@ def _local_text(location: str | os.PathLike[str]) -> str | None:
 
 def open_storage(location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *, fs: Any = None) -> Storage:
     """The storage rooted at a directory: a local path, a ``file://`` URL, or any fsspec URL."""
-    local = _local_text(location)
+    local = local_text(location)
     if local is not None and fs is None:
         return LocalStorage(local)
     return FsspecStorage(os.fspath(location), storage_options, fs=fs)
@@ -66,7 +70,7 @@ def locate(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | No
 
 def open_source(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> ByteSource:
     """Open a file the caller named: a local file (a link to one is followed) or an fsspec object."""
-    local = _local_text(path)
+    local = local_text(path)
     if local is not None:
         return open_file(local)
     storage, name = locate(path, storage_options)

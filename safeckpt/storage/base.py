@@ -9,29 +9,47 @@ path when the backend has them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import posixpath
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only names a return type here: `safeckpt scan` never loads it (start-up)
+    import numpy as np
 
-__all__ = ["ByteSource", "FileRecord", "Storage"]
+__all__ = ["ByteSource", "FileRecord", "Storage", "unmatched"]
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """A written file: name relative to its storage, size, and digest.
+    """One file of a checkpoint: the record the multi-file manifest, the manager's ``COMMITTED``
+    marker and the sharded index keep of it (each writes it in its own format, see FORMAT.md).
 
-    ``sha256`` is the digest of the length prefix and header for a safetensors
-    file (the header records every tensor's digest), of the whole file otherwise.
-    One record serves the multi-file manifest, the manager's marker and the
-    sharded index.
+    Attributes:
+        name: the file, relative to its storage (a plain file name in a manifest, marker or index).
+        size: its size in bytes.
+        sha256: hex digest of the length prefix and header for a safetensors file (the header
+            records every tensor's digest), of the whole file otherwise; ``None`` where the record
+            keeps none (the sharded index checks its shards by size and by their headers).
+        key: the state key of the component the file holds (manifest records); empty elsewhere.
     """
 
     name: str
     size: int
-    sha256: str
+    sha256: str | None = None
+    key: str = ""
+
+
+def unmatched(records: Iterable[FileRecord], listing: Mapping[str, int | None]) -> tuple[list[FileRecord], list[str]]:
+    """Compare ``records`` with a directory's ``listing`` (:meth:`Storage.listdir`): the records whose
+    file it lacks (or holds as a directory) or holds at another size, and the names it holds that no
+    record names, sorted."""
+    records = list(records)
+    recorded = {record.name for record in records}
+    changed = [record for record in records if listing.get(record.name) != record.size]
+    return changed, sorted(name for name in listing if name not in recorded)
 
 
 class ByteSource:
@@ -62,6 +80,23 @@ class ByteSource:
     def local_path(self) -> Path | None:
         """The file's local path, where there is one."""
         return None
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """The file as a local path: its own where it has one, else a temporary copy (named like the
+        file, fetched in 64 MiB reads) that is removed when the block ends."""
+        if self.local_path is not None:
+            yield self.local_path
+            return
+        with tempfile.TemporaryDirectory(prefix="safeckpt-") as tmp:
+            temp = Path(tmp) / (posixpath.basename(self.name.rstrip("/")) or "file")
+            with open(temp, "wb") as f:
+                position = 0
+                while position < self.size:
+                    end = min(self.size, position + (1 << 26))
+                    f.write(self.read(position, end))
+                    position = end
+            yield temp
 
     def close(self) -> None:
         """Release what the source holds; reading again reopens it."""

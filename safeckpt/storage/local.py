@@ -18,13 +18,14 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError
 from .atomic import atomic_path
 from .base import ByteSource, Storage
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["LocalSource", "LocalStorage", "open_file", "open_regular"]
 
@@ -100,6 +101,8 @@ class LocalSource(ByteSource):
         return data
 
     def mapping(self) -> np.ndarray:
+        import numpy as np  # imported by the readers that map tensors, never by `safeckpt scan` (start-up)
+
         fd = self._descriptor()
         if os.fstat(fd).st_size == 0:
             return np.empty(0, dtype=np.uint8)

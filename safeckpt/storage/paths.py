@@ -15,7 +15,7 @@ def is_url(path: Any) -> bool:
 
 
 def display_path(path: Any) -> str:
-    """A path or URL as text for messages and return values (``file://`` URLs and local paths as paths)."""
+    """A path or URL as text for messages and return values (a URL as given, a local path as ``os.fspath``)."""
     if is_url(path):
         return str(path)
     return os.fspath(path)
