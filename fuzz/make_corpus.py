@@ -257,6 +257,31 @@ def _sharded_seeds(tmp: Path) -> Iterator[tuple[str, bytes]]:
     yield variant("s0_sharding_info_list", DCP_SHARDING_INFO="[]")
 
 
+def _tar_seeds() -> Iterator[tuple[str, bytes]]:
+    """Legacy tar checkpoints (``torch.load`` unpickles their members): benign, and with a
+    global named in ``storages`` after raw bytes, and ``pickle`` as a symlink."""
+    import tarfile
+
+    def tar(members: list[tuple[str, bytes | str]]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+            for name, body in members:
+                info = tarfile.TarInfo(name)
+                if isinstance(body, str):
+                    info.type, info.linkname = tarfile.SYMTYPE, body
+                    t.addfile(info)
+                else:
+                    info.size = len(body)
+                    t.addfile(info, io.BytesIO(body))
+        return out.getvalue()
+
+    plain = [("storages", pickle.dumps(0, protocol=2)), ("tensors", pickle.dumps(0, protocol=2)),
+             ("pickle", pickle.dumps({"w": [1, 2]}, protocol=2))]
+    yield "tar_plain", tar(plain)
+    yield "tar_global_mid", tar([("storages", pickle.dumps(1, protocol=2) + bytes(24) + b"cposix\nsystem\n.")] + plain[1:])
+    yield "tar_link", tar(plain[:2] + [("pickle", "/etc/hostname")])
+
+
 def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
     """``{harness: [(name, bytes)]}``."""
     safe = list(_safe_files(tmp))
@@ -268,7 +293,7 @@ def seeds(tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
         "skeleton": list(_skeleton_seeds(tmp)),
         "manifest": list(_manifest_seeds(tmp)),
         "legacy": legacy,
-        "scan": legacy + safe[:2] + components,
+        "scan": legacy + safe[:2] + components + list(_tar_seeds()),
         "sharded": list(_sharded_seeds(tmp)),
         "vm_budget": targets_vm_budget.SEEDS + [(n, d) for n, d in legacy if n.startswith("pickle")],
         "names": list(_names_seeds()),

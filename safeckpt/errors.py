@@ -20,11 +20,13 @@ and ``file``, each ``None`` when it does not apply.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     "CheckpointFormatError",
+    "ComponentFileMissingError",
     "ComponentNotFoundError",
     "FallbackWarning",
     "IntegrityError",
@@ -137,6 +139,23 @@ class IntegrityError(SafeCkptError):
         self.tensor_name = tensor_name
         self.expected = expected
         self.actual = actual
+
+
+class ComponentFileMissingError(IntegrityError, FileNotFoundError):
+    """A manifest lists a component whose file is not there: a torn or modified set.
+
+    Both a :class:`SafeCkptError` (the manifest's bytes name the file: callers that catch
+    safeckpt's errors for untrusted sets catch it) and the standard ``FileNotFoundError``
+    (``errno``, ``filename``) a missing file is.
+
+    Attributes:
+        tensor_name: the component's key.
+        file: the missing file, as shown (also ``filename``).
+    """
+
+    def __init__(self, message: str = "", *, tensor_name: str | None = None, file: str | None = None) -> None:
+        super().__init__(message, tensor_name=tensor_name, file=file)
+        self.errno, self.strerror, self.filename = errno.ENOENT, message, file
 
 
 class SignatureError(IntegrityError):

@@ -32,9 +32,10 @@ import torch
 
 from .container import FORMAT_VERSION
 from .detect import Kind, detect_bytes
-from .errors import CheckpointFormatError, IntegrityError
+from .errors import CheckpointFormatError, ComponentFileMissingError, IntegrityError
 from .limits import Limits
 from .storage import ByteSource, FileRecord, Storage, locate, open_file
+from .text import show
 from .version import __version__
 
 __all__ = [
@@ -252,11 +253,19 @@ def check_entry_in(storage: Storage, manifest: Manifest, entry: FileRecord, *, v
     with ``verify``.
 
     Raises:
-        FileNotFoundError: if the file is missing.
         CheckpointFormatError: if it is a link or not a regular file.
+        ComponentFileMissingError: if it is missing (an ``IntegrityError`` and a ``FileNotFoundError``).
         IntegrityError: if its size or digest differs (a torn or tampered set).
     """
-    with storage.open(entry.name) as source:
+    try:
+        opened = storage.open(entry.name)
+    except FileNotFoundError:  # the manifest's bytes name it: data of the set, not the caller's path
+        shown = storage.display(entry.name)
+        raise ComponentFileMissingError(
+            f"{manifest.name} lists component {show(entry.key)}, whose file {shown} is missing: the set is "
+            "incomplete (torn or modified)", tensor_name=entry.key, file=shown,
+        ) from None
+    with opened as source:
         if source.size != entry.size:
             raise IntegrityError(
                 f"{source.name} is {source.size} bytes, the manifest {manifest.name} says {entry.size}: "

@@ -97,7 +97,8 @@ def read_index(root: Path, allowed_globals: Iterable[Any], limits: Limits) -> tu
     meta = root / META_NAME
     if not meta.is_file():
         raise FileNotFoundError(f"{root} is not a complete sharded safeckpt checkpoint: {meta} is missing")
-    with Checkpoint(meta, allowed_globals=allowed_globals, limits=limits) as ckpt:
+    source = LocalStorage(root).open(META_NAME)  # never through a link: its target is outside the checkpoint
+    with Checkpoint(meta, allowed_globals=allowed_globals, limits=limits, source=source) as ckpt:
         doc = ckpt.load()
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or type(doc.get("format_version")) is not int:
         raise _bad(root, "not a safeckpt sharded checkpoint index")

@@ -37,6 +37,7 @@ from ..refs import GlobalRef, OpaqueObject
 from ..storage import local_text, open_file, open_source
 from .archive import open_archive
 from .nested import Budget, search_payloads
+from .tarscan import scan_tar
 from .torchscript import code_module, forgive_jit_helpers, is_torchscript, parse_code
 from .vm import Finding, Report, SymbolicUnpickler
 
@@ -291,6 +292,9 @@ def _scan_file(name: str, limits: Limits, *, scan_components: bool = True) -> Sc
             raise
         except CheckpointFormatError as exc:
             errors.append(exc)
+    tar = scan_tar(name, s.report, s.limits, s.budget)  # torch.load tries a tar archive first
+    if tar is not None:
+        s.formats.append(tar)
     before = s.report.dangerous
     try:
         s.formats.append(_stream(s))  # pickle.load reads any file from byte 0
