@@ -332,6 +332,8 @@ def _open_one(spec: dict[str, Any], clock: Clock, read: Callable[[str, str], Any
 
 def open_safeckpt(spec: dict[str, Any], clock: Clock) -> None:
     """``safeckpt.open(path).get_tensor(name)``, touched."""
+    import torch  # noqa: F401  (imported before the timing, as for safe_open: the row times the open, not torch's import)
+
     import safeckpt
 
     def read(path: str, name: str) -> Any:
