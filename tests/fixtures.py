@@ -12,10 +12,12 @@ is stored as a class/function reference and can be allowed back on load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -259,3 +261,30 @@ STATE_GLOBALS: tuple[Any, ...] = (
     nn.CrossEntropyLoss,
     torch.Generator,
 )
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str) -> Iterator[dict[str, Any]]:
+    """moto's S3 server on loopback with ``bucket`` made; yields the fsspec storage options."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    saved = dict(os.environ)
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    })
+    os.environ.pop("AWS_PROFILE", None)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
+        fsspec.filesystem("s3", **options).mkdir(bucket)
+        yield options
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)

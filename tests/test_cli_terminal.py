@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import safeckpt
 from safeckpt import GlobalRef
@@ -183,6 +183,15 @@ def _modules_after(argv: list[str], cwd: Path) -> set[str]:
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["inspect", "--help"], []])
 def test_help_and_version_do_not_import_torch(argv: list[str], tmp_path: Path) -> None:
     assert "torch" not in _modules_after(argv, tmp_path)
+
+
+def test_scan_of_local_files_loads_neither_torch_numpy_nor_fsspec(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pth")
+    safeckpt.save_single_file(None, {"w": torch.ones(2)}, tmp_path / "b.safeckpt")
+    loaded = _modules_after(["scan", "-q", str(tmp_path)], tmp_path)
+    assert "safeckpt.legacy.scan" in loaded  # it did scan
+    assert not {"torch", "numpy", "fsspec"} & loaded
+    assert "safeckpt.cli_remote" not in _modules_after(["--help"], tmp_path)
 
 
 def test_console_script_help_and_version_do_not_import_torch(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from fixtures import s3_server
 
 import safeckpt
 from safeckpt import CheckpointManager
@@ -28,27 +29,9 @@ TEMP_MARK = "safeckpt-cli-"  # the CLI's local copies live under a directory nam
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
-    """moto's S3 server on loopback (as tests/test_remote.py); yields the storage options."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
-        fsspec.filesystem("s3", **options).mkdir("cli")
-        try:
-            yield options
-        finally:
-            server.stop()
+    """moto's S3 server on loopback; yields the storage options."""
+    with s3_server("cli") as options:
+        yield options
 
 
 @pytest.fixture
@@ -344,33 +327,6 @@ def test_a_text_file_is_one_error_naming_it(tmp_path: Path, s3: dict[str, Any], 
     with pytest.raises(FileNotFoundError, match="no such file") as missing:
         safeckpt.load(tmp_path / "nonexistent.pth")
     assert missing.value.filename == str(tmp_path / "nonexistent.pth") and "manifest" not in str(missing.value)
-
-
-# --------------------------------------------------------------------------- start-up
-
-
-def _modules_after(argv: list[str], cwd: Path) -> set[str]:
-    import sys
-
-    code = (
-        "import sys\n"
-        f"sys.argv = ['safeckpt', *{argv!r}]\n"
-        "from safeckpt.cli import main\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "sys.stdout.write('\\nMODULES ' + ' '.join(sorted(sys.modules)))\n"
-    )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return set(proc.stdout.rsplit("MODULES ", 1)[1].split())
-
-
-def test_scan_of_local_files_loads_neither_torch_numpy_nor_fsspec(tmp_path: Path) -> None:
-    torch.save({"w": torch.ones(2)}, tmp_path / "a.pth")
-    safeckpt.save_single_file(None, {"w": torch.ones(2)}, tmp_path / "b.safeckpt")
-    loaded = _modules_after(["scan", "-q", str(tmp_path)], tmp_path)
-    assert "safeckpt.legacy.scan" in loaded  # it did scan
-    assert not {"torch", "numpy", "fsspec"} & loaded
-    assert "safeckpt.cli_remote" not in _modules_after(["--help"], tmp_path)
 
 
 # --------------------------------------------------------------------------- the integrations' commands

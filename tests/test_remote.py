@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from fixtures import s3_server
 
 import safeckpt
 from safeckpt import remote
@@ -152,27 +153,8 @@ def test_manager_on_memory(memory_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
-        fs = fsspec.filesystem("s3", **options)
-        fs.mkdir("ckpts")
-        try:
-            yield options
-        finally:
-            server.stop()
+    with s3_server("ckpts") as options:
+        yield options
 
 
 def test_s3_single_file_and_lazy_reads(s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
