@@ -194,14 +194,19 @@ def test_scan_of_local_files_loads_neither_torch_numpy_nor_fsspec(tmp_path: Path
     assert "safeckpt.cli_remote" not in _modules_after(["--help"], tmp_path)
 
 
-def test_console_script_help_and_version_do_not_import_torch(tmp_path: Path) -> None:
-    """The console script itself, with torch made unimportable: --help and --version still work."""
+def _console_script_without_torch(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """The console script and an environment in which ``import torch`` fails."""
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('torch was imported')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
     exe = shutil.which("safeckpt")
     assert exe is not None
+    return exe, dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+
+
+def test_console_script_help_and_version_do_not_import_torch(tmp_path: Path) -> None:
+    """The console script itself, with torch made unimportable: --help and --version still work."""
+    exe, env = _console_script_without_torch(tmp_path)
     for argv in (["--help"], ["--version"]):
         proc = subprocess.run([exe, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -225,12 +230,7 @@ def test_console_script_scan_runs_without_torch(tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)
     files = [pickle_file, zip_file, single, tmp_path / "m.safeckpt.json", plain]
-    blocker = tmp_path / "block"
-    blocker.mkdir()
-    (blocker / "torch.py").write_text("raise ImportError('torch was imported')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
-    exe = shutil.which("safeckpt")
-    assert exe is not None
+    exe, env = _console_script_without_torch(tmp_path)
     proc = subprocess.run(
         [exe, "scan", "--json", *map(str, files)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
